@@ -1,0 +1,130 @@
+"""Upstream bugs that are real today, matched by their exact symptom and version range.
+
+An entry turns a failing (case, check) into an expected failure only when
+every problem line matches its symptom, so a second bug in the same case
+still fails. It is strict: when an affected case passes, the entry is
+stale (upstream fixed it) and the suite fails to say so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.specifiers import SpecifierSet
+
+from fsdp_load_checks.cases import PERSISTENT_BUFFER, Case
+from fsdp_load_checks.checks import CHECKS, Verdict
+
+ALL_CHECKS = frozenset(CHECKS)
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    key: str
+    url: str
+    title: str
+    package: str
+    affected: str  # PEP 440 specifier of the releases that have the bug
+    selects: Callable[[Case], bool]
+    symptoms: dict[str, str]  # check -> regex every problem line of that check must match
+
+    def applies(self, case: Case, check: str, versions: dict[str, str]) -> bool:
+        installed = versions.get(self.package)
+        if not installed or installed == "absent" or check not in self.symptoms:
+            return False
+        return SpecifierSet(self.affected).contains(installed, prereleases=True) and self.selects(case)
+
+
+def _tagged(tag: str) -> Callable[[Case], bool]:
+    return lambda case: tag in case.tags
+
+
+def _named(*names: str) -> Callable[[Case], bool]:
+    return lambda case: case.name in names
+
+
+PERSISTENT_BUFFER_CRASH = r"rank \d+ raised AttributeError: 'Tensor' object has no attribute 'device_mesh' \(during fsdp2_prepare\)"
+FORGOTTEN = r"non-persistent buffer model\.layers\.\d+\.attn\.alibi_slopes"
+MODELING_UTILS = "https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/modeling_utils.py"
+
+KNOWN_ISSUES = [
+    KnownIssue(
+        key="accelerate-3898",
+        url="https://github.com/huggingface/accelerate/issues/3898",
+        title="fsdp2_load_full_state_dict reads .device_mesh of every state-dict entry; persistent buffers are plain tensors",
+        package="accelerate",
+        affected=">=1.10.0",  # no fixed release yet (fix PRs 3921 and 4023 closed unmerged)
+        selects=_tagged(PERSISTENT_BUFFER),
+        symptoms=dict.fromkeys(ALL_CHECKS, rf"^\S+: {PERSISTENT_BUFFER_CRASH}$"),
+    ),
+    KnownIssue(
+        key="uninitialised-non-persistent-buffer",
+        url=MODELING_UTILS + "#L4842",
+        title=(
+            "transformers 5 builds models on meta and restores non-persistent buffers only through _init_weights: "
+            "one it does not recompute is left uninitialised (torch.empty_like) on the loading rank and in any plain "
+            "load, and as a zeros placeholder on ranks 1..N, which fsdp2_prepare_model keeps (it re-registers each "
+            "rank's own copy, never rank 0's)"
+        ),
+        package="transformers",
+        affected=">=5.0.0",
+        selects=_named("forgotten-buffer"),
+        symptoms={
+            "no-nan": rf"^\S+: rank \d+ ({FORGOTTEN} has \d+ NaN|logits have \d+ NaN)",
+            "buffers": rf"^\S+: .*{FORGOTTEN}",
+            "forward": r"^\S+: rank \d+ logits differ from the single-process load",
+        },
+    ),
+    KnownIssue(
+        key="shared-non-persistent-buffer-left-on-meta",
+        url=MODELING_UTILS + "#L4880",
+        title=(
+            "_move_missing_keys_from_meta_to_device walks named_non_persistent_buffers() with duplicates removed, so "
+            "a buffer registered under two modules is materialised under its first name only and stays on meta "
+            "under the other; fsdp2_prepare_model then fails copying it (found by this suite, not yet reported)"
+        ),
+        package="transformers",
+        affected=">=5.0.0",
+        selects=_named("shared-buffer"),
+        symptoms=dict.fromkeys(
+            ALL_CHECKS,
+            r"^\S+: rank \d+ raised NotImplementedError: Cannot copy out of meta tensor; no data! \(during fsdp2_prepare\)$",
+        ),
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    status: str  # "passed" | "failed" | "xfailed"
+    message: str
+
+
+def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None) -> Outcome:
+    issues = [k for k in (KNOWN_ISSUES if registry is None else registry) if k.applies(case, verdict.check, versions)]
+    if not issues:
+        if verdict.passed:
+            return Outcome("passed", "")
+        return Outcome("failed", "\n".join(verdict.problems))
+    if verdict.passed:
+        keys = ", ".join(f"{k.key} ({k.url})" for k in issues)
+        return Outcome(
+            "failed",
+            f"{case.name}/{verdict.check} passed but is registered as known issue {keys} for "
+            f"{', '.join(f'{k.package} {versions.get(k.package)}' for k in issues)}: upstream fixed it, "
+            "narrow the entry's version range in known_issues.py (strict xfail)",
+        )
+    unexplained = [
+        p for p in verdict.problems if not any(re.search(k.symptoms[verdict.check], p) for k in issues)
+    ]
+    if unexplained:
+        return Outcome(
+            "failed",
+            "\n".join(unexplained)
+            + f"\n(known issue {', '.join(k.key for k in issues)} applies, but the lines above are not its symptom)",
+        )
+    k = next(k for k in issues if any(re.search(k.symptoms[verdict.check], p) for p in verdict.problems))
+    return Outcome("xfailed", f"known issue {k.key} ({k.url}): {verdict.problems[0]}")

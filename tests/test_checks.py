@@ -1,0 +1,132 @@
+"""Each check on hand-built observations: it passes on the good value and fails on the bad one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsdp_load_checks.checks import CHECKS, verdicts
+from fsdp_load_checks.launch import CaseRun, LostRank
+from fsdp_load_checks.observe import BUFFER, NON_PERSISTENT, PARAMETER, Failure, Observation, record
+
+
+def observation(rank: int, **overrides) -> Observation:
+    tensors = {
+        "w": torch.arange(6, dtype=torch.float32).view(2, 3),
+        "bias": torch.tensor([0.5, 1.5]),
+        "inv_freq": torch.tensor([1.0, 0.1]),
+    }
+    tensors.update(overrides.pop("tensors", {}))
+    kinds = {"w": PARAMETER, "bias": BUFFER, "inv_freq": NON_PERSISTENT}
+    obs = Observation(case="c", rank=rank, world_size=2)
+    obs.tensors = {n: record(n, kinds[n], t) for n, t in tensors.items()}
+    obs.logits = overrides.pop("logits", torch.ones(2, 3, 4))
+    for key, value in overrides.items():
+        setattr(obs, key, value)
+    return obs
+
+
+def run_of(*observations: Observation, lost=()) -> CaseRun:
+    return CaseRun("c", world_size=2, observations={o.rank: o for o in observations}, lost=list(lost))
+
+
+def problems(check: str, run: CaseRun, ref: Observation) -> list[str]:
+    return verdicts(run, ref)[check].problems
+
+
+GOOD = run_of(observation(0), observation(1))
+REF = observation(-1)
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_every_check_passes_on_identical_observations(check):
+    assert problems(check, GOOD, REF) == []
+
+
+def test_no_nan_flags_a_nan_buffer_with_rank_and_name():
+    bad = run_of(observation(0), observation(1, tensors={"inv_freq": torch.tensor([float("nan"), 0.1])}))
+    assert problems("no-nan", bad, REF) == ["c: rank 1 non-persistent buffer inv_freq has 1 NaN and 0 Inf of 2"]
+
+
+def test_no_nan_flags_inf_logits():
+    logits = torch.ones(2, 3, 4)
+    logits[0, 0, 0] = float("inf")
+    bad = run_of(observation(0), observation(1, logits=logits))
+    assert problems("no-nan", bad, REF) == ["c: rank 1 logits have 0 NaN and 1 Inf of 24"]
+
+
+def test_buffers_flags_a_buffer_unlike_rank_0():
+    bad = run_of(observation(0), observation(1, tensors={"bias": torch.tensor([0.0, 0.0])}))
+    (line,) = problems("buffers", bad, REF)
+    assert line.startswith("c: rank 1 persistent buffer bias differs from rank 0's: 2/2 elements differ")
+
+
+def test_buffers_flags_a_buffer_equal_across_ranks_but_unlike_the_plain_load():
+    zeros = {"inv_freq": torch.zeros(2)}
+    bad = run_of(observation(0, tensors=zeros), observation(1, tensors=zeros))
+    lines = problems("buffers", bad, REF)
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "rank 0 non-persistent buffer inv_freq differs from the single-process load",
+        "rank 1 non-persistent buffer inv_freq differs from the single-process load",
+    ]
+
+
+def test_buffers_flags_a_dtype_change():
+    bad = run_of(observation(0), observation(1, tensors={"inv_freq": torch.tensor([1.0, 0.1], dtype=torch.bfloat16)}))
+    assert problems("buffers", bad, REF) == [
+        "c: rank 1 non-persistent buffer inv_freq has dtype bfloat16, rank 0's has float32"
+    ]
+
+
+def test_buffers_flags_a_buffer_left_on_meta():
+    bad = run_of(observation(0), observation(1, tensors={"bias": torch.empty(2, device="meta")}))
+    assert problems("buffers", bad, REF) == [
+        "c: rank 1 persistent buffer bias is still on the meta device (never materialised)"
+    ]
+
+
+def test_parameters_flags_a_single_element_off():
+    w = torch.arange(6, dtype=torch.float32).view(2, 3)
+    w[1, 2] += 1e-3
+    bad = run_of(observation(0, tensors={"w": w.clone()}), observation(1, tensors={"w": w.clone()}))
+    lines = problems("parameters", bad, REF)
+    assert len(lines) == 2 and "1/6 elements differ" in lines[0]
+
+
+def test_parameters_flags_a_lost_tie():
+    ref = observation(-1, ties=[("lm_head.weight", "embed.weight")])
+    good = run_of(observation(0, ties=[("lm_head.weight", "embed.weight")]), observation(1, ties=[("lm_head.weight", "embed.weight")]))
+    bad = run_of(observation(0, ties=[("lm_head.weight", "embed.weight")]), observation(1))
+    assert problems("parameters", good, ref) == []
+    assert problems("parameters", bad, ref) == ["c: rank 1 parameters embed.weight, lm_head.weight are no longer tied"]
+
+
+def test_forward_tolerates_rounding_but_not_a_wrong_logit():
+    close = run_of(observation(0), observation(1, logits=torch.ones(2, 3, 4) + 1e-7))
+    far = run_of(observation(0), observation(1, logits=torch.ones(2, 3, 4) * 1.01))
+    assert problems("forward", close, REF) == []
+    (line,) = problems("forward", far, REF)
+    assert line.startswith("c: rank 1 logits differ from the single-process load beyond rtol=1.3e-06")
+
+
+def test_a_rank_that_raised_fails_every_check_naming_rank_and_exception():
+    failure = Failure(1, "fsdp2_prepare", "AttributeError", "'Tensor' object has no attribute 'device_mesh'", "tb")
+    bad = run_of(observation(0), observation(1, failure=failure, tensors={}, logits=None))
+    for check in CHECKS:
+        assert problems(check, bad, REF) == [
+            "c: rank 1 raised AttributeError: 'Tensor' object has no attribute 'device_mesh' (during fsdp2_prepare)"
+        ]
+
+
+def test_a_failed_forward_blocks_only_the_forward_check():
+    failure = Failure(1, "forward", "RuntimeError", "boom", "tb")
+    bad = run_of(observation(0), observation(1, failure=failure, logits=None))
+    assert problems("buffers", bad, REF) == []
+    assert problems("forward", bad, REF) == ["c: rank 1 raised RuntimeError: boom (during forward)"]
+
+
+def test_a_lost_rank_fails_every_check():
+    lost = LostRank(1, "c", "observe", "died", -6, "tail")
+    bad = run_of(observation(0), lost=[lost])
+    for check in CHECKS:
+        assert problems(check, bad, REF) == ["c: rank 1 died during observe of c, exit code -6 (SIGABRT)"]

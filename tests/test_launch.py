@@ -1,0 +1,70 @@
+"""The harness under faults: a rank that raises, dies or hangs is named, its neighbours keep their verdicts,
+and nothing is left running. Real torchrun, real gloo process groups, real FSDP2 loading."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from fsdp_load_checks import cases, launch, runner
+
+CASE_TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="module")
+def faulty_batch(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv(cases.EXTRA_MODULES_ENV, "tests.fault_cases")
+    try:
+        names = [c.name for c in cases.select(pattern="fault-*")]
+        root = tmp_path_factory.mktemp("faults")
+        cfg = launch.LaunchConfig(nproc=2, case_timeout_s=CASE_TIMEOUT)
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        start = time.monotonic()
+        results = runner.run_batch(root, cases.select(names), cfg)
+        elapsed = time.monotonic() - start
+        leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        yield results, elapsed, leftover, root
+    finally:
+        mp.undo()
+
+
+def problems(results, case):
+    return results[case].verdicts["buffers"].problems
+
+
+def test_a_rank_that_raises_is_named_with_its_exception(faulty_batch):
+    results, *_ = faulty_batch
+    lines = problems(results, "fault-raise")
+    assert lines[0] == (
+        "fault-raise: rank 1 raised RuntimeError: injected fault on rank 1 during fsdp2_prepare (during fsdp2_prepare)"
+    )
+    assert "injected fault" in results["fault-raise"].verdicts["buffers"].details  # the rank's traceback
+
+
+def test_a_rank_that_dies_is_named_with_its_exit_code(faulty_batch):
+    results, *_ = faulty_batch
+    assert "fault-exit: rank 1 died during observe of fault-exit, exit code 7" in problems(results, "fault-exit")
+
+
+def test_a_rank_that_hangs_is_killed_and_named_with_its_phase(faulty_batch):
+    results, *_ = faulty_batch
+    lines = problems(results, "fault-hang")
+    assert lines[0].startswith(f"fault-hang: rank 1 hung for more than {CASE_TIMEOUT:g}s")
+    assert "during observe of fault-hang" in lines[0]
+    assert "Thread" in results["fault-hang"].run.lost[0].log_tail or "File" in results["fault-hang"].run.lost[0].log_tail
+
+
+def test_cases_around_a_fault_keep_their_verdicts(faulty_batch):
+    results, *_ = faulty_batch
+    for case in ("fault-none-before", "fault-none-middle", "fault-none-after"):
+        assert all(v.passed for v in results[case].verdicts.values()), case
+
+
+def test_faults_cost_no_more_than_their_timeouts_and_leave_no_process(faulty_batch):
+    _, elapsed, leftover, _ = faulty_batch
+    # one hang (CASE_TIMEOUT) + a few relaunches; far from 3 x the default timeout
+    assert elapsed < CASE_TIMEOUT + 90, elapsed
+    assert leftover == []

@@ -1,0 +1,69 @@
+"""The toy cases: one edge case of the loading path each, named after what it guards."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from fsdp_load_checks.cases import PERSISTENT_BUFFER, Case
+from toy_models.decoder import ToyDecoderConfig
+
+TOY = ("toy_models",)
+
+
+def toy(name: str, guards: str, dtype: str = "float32", *, persistent: bool = False, **switches) -> Case:
+    case = Case(name, guards, partial(ToyDecoderConfig, **switches), imports=TOY, dtype=dtype)
+    return case.with_tags(PERSISTENT_BUFFER) if persistent else case
+
+
+TOY_CASES = [
+    toy("llama-rope", "non-persistent RoPE inv_freq/original_inv_freq must be recomputed on every rank (untied)"),
+    toy(
+        "deepseek-router-bias",
+        "persistent fp32 e_score_correction_bias (DeepSeek-V3 router) must arrive from rank 0 (accelerate #3898)",
+        persistent=True,
+        num_experts=4,
+    ),
+    toy("moe-3d-experts", "MoE experts stored as 3-D parameters shard and gather intact", num_experts=4, router_bias=False),
+    toy("int-buffer", "persistent int64 buffer (a token permutation) must arrive from rank 0", persistent=True, int_buffer=True),
+    toy("scalar-buffer", "0-dim persistent buffer deep in the tree must arrive from rank 0", persistent=True, scalar_buffer=True),
+    toy("root-buffer", "persistent buffer on the root module must arrive from rank 0", persistent=True, root_buffer=True),
+    toy("cos-sin-cache", "non-persistent cos/sin cache built in __init__ and recomputed in _init_weights", cos_sin_cache=True),
+    toy(
+        "forgotten-buffer",
+        "non-persistent buffer _init_weights does not recompute: other ranks keep a placeholder unless rank 0's is sent",
+        forgotten_buffer=True,
+    ),
+    toy("shared-buffer", "one buffer tensor registered under two modules", shared_buffer=True),
+    toy("fp32-rope-in-bf16", "fp32 RoPE buffers inside a bf16 model keep fp32 (the NaN-logits dtype case)", "bfloat16", cos_sin_cache=True),
+    toy("tied-embeddings", "tied input/output embeddings stay tied and equal after sharding", tie_word_embeddings=True),
+    Case(
+        "missing-head",
+        "a key missing from the checkpoint is initialised by rank 0; every rank must end with rank 0's values",
+        partial(ToyDecoderConfig),
+        imports=TOY,
+        drop_keys=("lm_head.weight",),
+    ),
+    Case(
+        "unexpected-keys",
+        "unexpected extra keys in the checkpoint are ignored the same way on every rank",
+        partial(ToyDecoderConfig),
+        imports=TOY,
+        extra_keys=("model.legacy_proj.weight", "model.rotary_emb.inv_freq"),
+    ),
+    toy(
+        "uneven-shards",
+        "parameter dims not divisible by the world size (uneven FSDP shards)",
+        vocab_size=67,
+        hidden_size=40,
+        intermediate_size=37,
+    ),
+    toy("bf16-checkpoint", "bf16 checkpoint loads bit-exact", "bfloat16"),
+    toy("fp16-checkpoint", "fp16 checkpoint loads bit-exact", "float16"),
+    toy(
+        "deepseek-bf16",
+        "DeepSeek-style router bias in a bf16 model: buffer dtype and value from rank 0",
+        "bfloat16",
+        persistent=True,
+        num_experts=4,
+    ),
+]
