@@ -13,6 +13,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 # tags a known issue can select cases by
 PERSISTENT_BUFFER = "persistent-buffer"
@@ -30,6 +31,7 @@ class Case:
     extra_keys: tuple[str, ...] = ()  # keys added to the checkpoint (unexpected on load)
     tags: frozenset[str] = field(default_factory=frozenset)
     fault: str | None = None  # harness self-tests: a fault to inject into one rank (faults.py)
+    checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
 
     def with_tags(self, *tags: str) -> Case:
         return dataclasses.replace(self, tags=self.tags | frozenset(tags))
@@ -41,6 +43,30 @@ def import_all(modules: tuple[str, ...]) -> None:
 
 
 EXTRA_MODULES_ENV = "FSDP_LOAD_CHECKS_CASE_MODULES"
+USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports"}
+
+
+def _no_config(name: str, path: str):
+    raise RuntimeError(f"case {name} is a checkpoint on disk ({path}); it has no config to build from")
+
+
+def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = ()) -> Case:
+    return Case(
+        name,
+        f"your checkpoint {path}",
+        partial(_no_config, name, path),
+        imports=tuple(imports),
+        dtype=dtype,
+        checkpoint=path,
+        tags=frozenset({"user"}),
+    )
+
+
+def user_cases() -> list[Case]:
+    import json
+
+    raw = os.environ.get(USER_CHECKPOINTS_ENV)
+    return [user_case(c["name"], c["path"], c["dtype"], tuple(c.get("imports", ()))) for c in json.loads(raw)] if raw else []
 
 
 def all_cases() -> dict[str, Case]:
@@ -57,7 +83,7 @@ def all_cases() -> dict[str, Case]:
     for module in filter(None, os.environ.get(EXTRA_MODULES_ENV, "").split(",")):
         extra.extend(importlib.import_module(module.strip()).CASES)
     cases: dict[str, Case] = {}
-    for case in [*TOY_CASES, *ARCH_CASES, *extra]:
+    for case in [*TOY_CASES, *ARCH_CASES, *extra, *user_cases()]:
         if case.name in cases:
             raise ValueError(f"duplicate case name {case.name!r}")
         cases[case.name] = case

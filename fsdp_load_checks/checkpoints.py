@@ -19,7 +19,7 @@ DONE = "BUILT"
 
 
 def checkpoint_dir(root: Path, case: Case) -> Path:
-    return root / "checkpoints" / case.name
+    return Path(case.checkpoint) if case.checkpoint else root / "checkpoints" / case.name
 
 
 def perturb_persistent_buffers(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -62,6 +62,8 @@ def build(root: Path, case: Case) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = checkpoint_dir(root, case)
+    if case.checkpoint:  # the user's own checkpoint: read, never written
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / DONE).exists():
@@ -81,3 +83,58 @@ def build(root: Path, case: Case) -> Path:
 
 def model_bytes(path: Path) -> int:
     return sum(os.path.getsize(f) for f in Path(path).glob("*.safetensors"))
+
+
+class BadCheckpoint(ValueError):
+    """A user's checkpoint directory that cannot be loaded; the message is one line with the fix."""
+
+
+def validate(path: str) -> tuple[Path, str]:
+    """Check a user's checkpoint directory before any rank starts; return it and its dtype.
+
+    Every problem here would otherwise surface as N identical tracebacks,
+    one per rank, after torch and transformers have been imported N times.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise BadCheckpoint(f"checkpoint path {path} does not exist; pass a directory written by save_pretrained")
+    if not p.is_dir():
+        raise BadCheckpoint(f"{path} is a file, not a checkpoint directory; pass the directory holding config.json")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise BadCheckpoint(f"checkpoint directory {path} is not readable; fix its permissions")
+    config_file = p / "config.json"
+    if not config_file.is_file():
+        raise BadCheckpoint(f"{path} is not a checkpoint directory: no config.json (write one with model.save_pretrained)")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        raise BadCheckpoint(f"{path} has no *.safetensors files; save the model with save_pretrained(safe_serialization=True)")
+    from safetensors import SafetensorError, safe_open
+
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BadCheckpoint(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0]}); re-save the checkpoint") from None
+    import json
+
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadCheckpoint(f"{config_file} is not valid JSON ({exc}); re-save the checkpoint") from None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(p)
+        AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018 - raises KeyError if no causal-LM class
+    except (ValueError, KeyError, OSError) as exc:
+        import transformers
+
+        kind = raw.get("model_type", "?")
+        raise BadCheckpoint(
+            f"{path}: architecture {kind!r} is not loadable by AutoModelForCausalLM in transformers "
+            f"{transformers.__version__} ({type(exc).__name__}); install a transformers that has it, or pass "
+            f"--import MODULE that registers it"
+        ) from None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return p.resolve(), str(dtype).removeprefix("torch.")

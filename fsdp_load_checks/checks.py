@@ -118,13 +118,18 @@ def _equal_everywhere(run: CaseRun, ref: Observation, kinds: tuple[str, ...], sk
 
 
 def check_buffers(run: CaseRun, ref: Observation) -> list[str]:
-    problems = [
-        f"the single-process load itself leaves {rec.kind} {name} unlike the model's __init__ value "
-        f"(transformers restores it only if _init_weights recomputes it): "
+    # non-persistent buffers are compared with the model's __init__ value where the plain load lost it
+    return _equal_everywhere(run, ref, (BUFFER, NON_PERSISTENT), skip_ref=set())
+
+
+def plain_load_notes(ref: Observation) -> list[str]:
+    """What the single-process load itself got wrong: context for a buffers failure, not a rank's fault."""
+    return [
+        f"note: the single-process load itself leaves {rec.kind} {name} unlike the model's __init__ value "
+        f"(transformers restores it only if _init_weights recomputes it; the check compares with __init__'s): "
         f"{describe_difference(rec.value, ref.tensors[name].value)}"
         for name, rec in sorted(ref.init_mismatch.items())
     ]
-    return problems + _equal_everywhere(run, ref, (BUFFER, NON_PERSISTENT), skip_ref=set())
 
 
 def check_parameters(run: CaseRun, ref: Observation) -> list[str]:
@@ -213,5 +218,7 @@ def verdicts(run: CaseRun, ref: Observation | None) -> dict[str, Verdict]:
         problems, details = blocking_failures(run, ref, needs_logits=name == "forward")
         if not problems:
             problems = fn(run, ref)
+            if name == "buffers" and problems:
+                details = "\n".join(plain_load_notes(ref))
         out[name] = Verdict(run.case, name, [f"{run.case}: {p}" for p in problems], details)
     return out

@@ -30,8 +30,11 @@ class KnownIssue:
     affected: str  # PEP 440 specifier of the releases that have the bug
     selects: Callable[[Case], bool]
     symptoms: dict[str, str]  # check -> regex every problem line of that check must match
+    loaders: tuple[str, ...] = ("stock",)  # the installed stack's bugs; a patched loader must not inherit them
 
-    def applies(self, case: Case, check: str, versions: dict[str, str]) -> bool:
+    def applies(self, case: Case, check: str, versions: dict[str, str], loader: str = "stock") -> bool:
+        if loader not in self.loaders:
+            return False
         installed = versions.get(self.package)
         if not installed or installed == "absent" or check not in self.symptoms:
             return False
@@ -103,8 +106,9 @@ class Outcome:
     message: str
 
 
-def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None) -> Outcome:
-    issues = [k for k in (KNOWN_ISSUES if registry is None else registry) if k.applies(case, verdict.check, versions)]
+def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None, loader: str = "stock") -> Outcome:
+    registry = KNOWN_ISSUES if registry is None else registry
+    issues = [k for k in registry if k.applies(case, verdict.check, versions, loader)]
     if not issues:
         if verdict.passed:
             return Outcome("passed", "")

@@ -71,6 +71,7 @@ class LaunchConfig:
     case_timeout_s: float = 120.0
     startup_timeout_s: float = 300.0
     control_timeout_s: float = 5.0
+    poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
 
 
 def torchrun_command(spec_path: Path, cfg: LaunchConfig) -> list[str]:
@@ -228,6 +229,7 @@ def launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_prog
         backend=cfg.backend,
         case_timeout_s=cfg.case_timeout_s,
         control_timeout_s=min(cfg.control_timeout_s, cfg.case_timeout_s),
+        poison=cfg.poison,
     )
     spec_path = out_dir / "spec.json"
     spec.save(spec_path)

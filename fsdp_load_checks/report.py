@@ -1,14 +1,40 @@
-"""Human-readable renderings of verdicts: the terminal table."""
+"""Renderings of a run's outcomes: the terminal table, markdown, JSON and JUnit XML.
+
+All take plain rows, so the pytest plugin and the CLI render the same thing.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 SYMBOL = {"passed": "pass", "failed": "FAIL", "xfailed": "xfail", "skipped": "skip"}
+STYLE = {"passed": "green", "failed": "bold red", "xfailed": "yellow"}
 
 
-def verdict_table(table: dict[tuple[str, str], str], checks: list[str]) -> str:
+@dataclass
+class Row:
+    """One case: its outcome per check, the messages behind them, and per-rank memory figures."""
+
+    case: str
+    guards: str = ""
+    status: dict[str, str] = field(default_factory=dict)  # check -> passed | failed | xfailed
+    messages: dict[str, str] = field(default_factory=dict)  # check -> failure / xfail message
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> bytes
+
+
+def _render(table) -> str:
     from io import StringIO
 
     from rich.console import Console
+
+    out = StringIO()
+    Console(file=out, width=200, force_terminal=False, color_system=None).print(table)
+    return out.getvalue().rstrip()
+
+
+def verdict_table(table: dict[tuple[str, str], str], checks: list[str]) -> str:
     from rich.table import Table
 
     cases = list(dict.fromkeys(case for case, _ in table))
@@ -16,13 +42,66 @@ def verdict_table(table: dict[tuple[str, str], str], checks: list[str]) -> str:
     t.add_column("case")
     for check in checks:
         t.add_column(check)
-    style = {"passed": "green", "failed": "bold red", "xfailed": "yellow"}
     for case in cases:
         cells = []
         for check in checks:
             status = table.get((case, check), "")
-            cells.append(f"[{style.get(status, '')}]{SYMBOL.get(status, status)}[/]" if status in style else status)
+            cells.append(SYMBOL.get(status, status))
         t.add_row(case, *cells)
-    out = StringIO()
-    Console(file=out, width=200, force_terminal=False, color_system=None).print(t)
-    return out.getvalue().rstrip()
+    return _render(t)
+
+
+def rows_table(rows: list[Row], checks: list[str]):
+    """A rich Table, for printing to a live console (colours kept)."""
+    from rich.table import Table
+
+    t = Table(header_style="bold")
+    t.add_column("case")
+    for check in checks:
+        t.add_column(check)
+    for row in rows:
+        cells = [f"[{STYLE.get(row.status.get(c, ''), '')}]{SYMBOL.get(row.status.get(c, ''), '-')}[/]" for c in checks]
+        t.add_row(row.case, *cells)
+    return t
+
+
+def markdown(rows: list[Row], checks: list[str], header: str = "") -> str:
+    lines = [header, ""] if header else []
+    lines.append("| case | " + " | ".join(checks) + " |")
+    lines.append("| --- |" + " --- |" * len(checks))
+    for row in rows:
+        lines.append(f"| {row.case} | " + " | ".join(SYMBOL.get(row.status.get(c, ""), "-") for c in checks) + " |")
+    problems = [(row, c) for row in rows for c in checks if row.messages.get(c)]
+    if problems:
+        lines += ["", "## Findings", ""]
+        for row, check in problems:
+            first, *rest = row.messages[check].splitlines()
+            lines.append(f"- **{row.case} / {check}** ({SYMBOL[row.status[check]]}): {first}")
+            lines += [f"  - {line}" for line in rest[:20]]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: list[Row], meta: dict) -> str:
+    return json.dumps({**meta, "cases": [row.__dict__ for row in rows]}, indent=2, default=str)
+
+
+def junit(rows: list[Row], checks: list[str], suite_name: str = "fsdp-load-checks") -> str:
+    """JUnit XML: one testcase per (case, check); xfail as skipped, as pytest writes it."""
+    import xml.etree.ElementTree as ET
+
+    failures = sum(r.status.get(c) == "failed" for r in rows for c in checks)
+    skipped = sum(r.status.get(c) == "xfailed" for r in rows for c in checks)
+    root = ET.Element("testsuite", name=suite_name, tests=str(len(rows) * len(checks)), failures=str(failures), skipped=str(skipped))
+    for row in rows:
+        for check in checks:
+            tc = ET.SubElement(root, "testcase", classname=f"fsdp_load_checks.{row.case}", name=check)
+            status, message = row.status.get(check), row.messages.get(check, "")
+            if status == "failed":
+                ET.SubElement(tc, "failure", message=message.splitlines()[0] if message else "failed").text = message
+            elif status == "xfailed":
+                ET.SubElement(tc, "skipped", type="pytest.xfail", message=message.splitlines()[0] if message else "")
+    return ET.tostring(root, encoding="unicode")
+
+
+def write(path: str | Path, text: str) -> None:
+    Path(path).write_text(text)

@@ -7,15 +7,17 @@ asking for the same cases launch them once.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
-from fsdp_load_checks import checkpoints, launch, observe
+from fsdp_load_checks import checkpoints, known_issues, launch, observe
 from fsdp_load_checks.cases import Case
 from fsdp_load_checks.checks import Verdict, verdicts
 from fsdp_load_checks.rank import RankTask
@@ -32,6 +34,14 @@ class CaseResult:
     run: launch.CaseRun
     reference: observe.Observation | None
     verdicts: dict[str, Verdict]
+
+    def outcomes(self, case: Case, loader: str) -> dict[str, known_issues.Outcome]:
+        """Each check's verdict read against the known upstream issues of the installed stack."""
+        versions = self.reference.versions if self.reference else observe.stack_versions()
+        return {name: known_issues.classify(case, v, versions, loader=loader) for name, v in self.verdicts.items()}
+
+
+GPU_LOCK = Path(tempfile.gettempdir()) / "fsdp-load-checks-gpus.lock"
 
 
 def materialize(root: Path, cases: list[Case], timeout_s: float) -> None:
@@ -53,7 +63,10 @@ def run_batch(root: Path, cases: list[Case], cfg: launch.LaunchConfig, on_progre
         RankTask(c.name, str(checkpoints.checkpoint_dir(root, c)), c.dtype, list(c.imports), c.seed, c.fault)
         for c in cases
     ]
-    runs = launch.run(tasks, cfg, root / "launches" / cfg.loader, on_progress)
+    # every nccl rank owns a GPU: concurrent launches (pytest-xdist workers) take the GPUs in turn
+    gpus = FileLock(str(GPU_LOCK)) if cfg.backend == "nccl" else contextlib.nullcontext()
+    with gpus:
+        runs = launch.run(tasks, cfg, root / "launches" / cfg.loader, on_progress)
     results = {}
     for case in cases:
         ref_file = reference_path(root, case.name)

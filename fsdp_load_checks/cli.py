@@ -1,0 +1,211 @@
+"""`fsdp-load-checks`: the suite from a shell, for the zoo or for your own checkpoint.
+
+Exit status: 0 every check passed (known upstream issues count as expected),
+1 a check failed, 2 usage or environment error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line naming the problem and the fix."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", default="2", help="ranks per launch (torchrun --nproc-per-node); default 2")
+    p.add_argument("--loader", default="stock", help="loader under test (default stock: the installed stack); see `list`")
+    p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"), help="auto: nccl when every rank can own a GPU")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take on a rank before it is killed as hung")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for all ranks to start")
+    p.add_argument("--poison-uninitialized", action="store_true", help="NaN-fill uninitialised memory on every rank")
+    p.add_argument("--json", metavar="FILE", help="write every outcome and message as JSON")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case x check)")
+    p.add_argument("--markdown", metavar="FILE", help="write the table and findings as markdown")
+    p.add_argument("--work-dir", metavar="DIR", help="where checkpoints, references and rank logs go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (rank logs) after the run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fsdp-load-checks", description="Verify FSDP2 + cpu_ram_efficient_loading, rank by rank.")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    zoo = sub.add_parser("zoo", help="every zoo case against the installed stack (the default)")
+    add_common(zoo)
+    zoo.add_argument("--cases", help="comma-separated case names or globs (default: all)")
+    check = sub.add_parser("check", help="your checkpoint directory (config.json + *.safetensors)")
+    check.add_argument("path", help="directory written by save_pretrained")
+    check.add_argument("--dtype", help="dtype to load in (default: the config's dtype, else float32)")
+    check.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="module that registers the architecture with the Auto classes (repeatable)")
+    add_common(check)
+    sub.add_parser("list", help="the cases, loaders and checks, one line each")
+    return parser
+
+
+def writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it or pick another path")
+    if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable; pick a path you can write")
+
+
+def launch_config(args):
+    from fsdp_load_checks import loaders
+    from fsdp_load_checks.launch import LaunchConfig
+    from fsdp_load_checks.options import backend_for, parse_nproc
+
+    try:
+        nproc = parse_nproc(args.nproc)
+        loaders.get(args.loader)
+        backend = backend_for(args.backend, nproc)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(str(exc.args[0])) from None
+    for flag, value in (("--timeout", args.timeout), ("--startup-timeout", args.startup_timeout)):
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive seconds, got {value:g}")
+    return LaunchConfig(nproc, args.loader, backend, args.timeout, args.startup_timeout, poison=args.poison_uninitialized)
+
+
+def select_cases(args):
+    from fsdp_load_checks import cases, checkpoints
+
+    if args.command == "check":
+        for module in args.imports:
+            try:
+                __import__(module)
+            except ImportError as exc:
+                raise UsageError(f"--import {module}: cannot import it ({exc}); install it or fix the name") from None
+        try:
+            path, dtype = checkpoints.validate(args.path)
+        except checkpoints.BadCheckpoint as exc:
+            raise UsageError(str(exc)) from None
+        if args.dtype:
+            import torch
+
+            if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+                raise UsageError(f"--dtype {args.dtype} is not a torch dtype; use e.g. float32, bfloat16, float16")
+            dtype = args.dtype
+        spec = [{"name": path.name or "checkpoint", "path": str(path), "dtype": dtype, "imports": args.imports}]
+        os.environ[cases.USER_CHECKPOINTS_ENV] = json.dumps(spec)  # reaches the reference and every rank
+        return cases.user_cases()
+    try:
+        selected = cases.select(pattern=args.cases)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    if not selected:
+        raise UsageError(f"--cases {args.cases!r} matches no case; run `fsdp-load-checks list`")
+    return selected
+
+
+def list_everything() -> int:
+    from fsdp_load_checks import cases, loaders
+    from fsdp_load_checks.checks import CHECK_MEANING
+
+    print("checks:")
+    for name, meaning in CHECK_MEANING.items():
+        print(f"  {name:<28} {meaning}")
+    print("loaders:")
+    for loader in loaders.LOADERS.values():
+        print(f"  {loader.name:<28} {loader.summary}")
+    print("cases:")
+    for case in cases.all_cases().values():
+        print(f"  {case.name:<28} {case.guards}")
+    return EXIT_OK
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fsdp_load_checks import report, runner
+    from fsdp_load_checks.checks import CHECK_MEANING
+
+    cfg = launch_config(args)
+    for flag in ("json", "junit", "markdown"):
+        writable(getattr(args, flag), f"--{flag}")
+    selected = select_cases(args)
+    console = Console(stderr=True)
+    root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fsdp-load-checks-"))
+    root.mkdir(parents=True, exist_ok=True)
+    checks = list(CHECK_MEANING)
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task(f"{len(selected)} case(s) x {cfg.nproc} rank(s), loader {cfg.loader}", total=len(selected) * cfg.nproc)
+            results = runner.run_batch(root, selected, cfg, on_progress=lambda case, rank: progress.advance(task))
+    except runner.SetupError as exc:
+        console.print(f"[bold red]error:[/] {str(exc).splitlines()[0]}")
+        return EXIT_USAGE
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    rows = []
+    for case in selected:
+        result = results[case.name]
+        outcomes = result.outcomes(case, cfg.loader)
+        rows.append(report.Row(
+            case=case.name,
+            guards=case.guards,
+            status={c: o.status for c, o in outcomes.items()},
+            messages={c: o.message for c, o in outcomes.items() if o.message},
+            memory={r: dict(obs.memory) for r, obs in result.run.observations.items()},
+        ))
+    out = Console()
+    out.print(report.rows_table(rows, checks))
+    for row in rows:
+        for check in checks:
+            if row.status.get(check) == "failed":
+                out.print(f"[bold red]FAIL[/] {row.case}/{check}: " + row.messages[check].replace("\n", "\n    "), highlight=False)
+    failed = any(s == "failed" for row in rows for s in row.status.values())
+    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "backend": cfg.backend, "passed": not failed}
+    if args.json:
+        report.write(args.json, report.to_json(rows, meta))
+    if args.junit:
+        report.write(args.junit, report.junit(rows, checks))
+    if args.markdown:
+        header = f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nproc} ranks ({cfg.backend})"
+        report.write(args.markdown, report.markdown(rows, checks, header))
+    counts = {s: sum(row.status.get(c) == s for row in rows for c in checks) for s in ("passed", "xfailed", "failed")}
+    out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "zoo")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "list":
+            return list_everything()
+        return run(args)
+    except UsageError as exc:
+        print(f"fsdp-load-checks: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head`
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("fsdp-load-checks: interrupted; every rank was stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

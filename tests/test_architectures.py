@@ -1,0 +1,88 @@
+"""The real-architecture cases build tiny, run, and are tagged by what their model really holds.
+
+Single process, no torchrun: builds each case's model from its config the
+way checkpoints.build does (AutoModelForCausalLM.from_config) and runs a
+forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fsdp_load_checks.cases import PERSISTENT_BUFFER, all_cases  # noqa: E402
+from toy_models.architectures import ARCH_CASES, SKIPPED_ARCHS  # noqa: E402
+
+REQUIRED = (
+    "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe deepseek_v3 deepseek_v2 gemma gemma2 gemma3_text "
+    "gpt2 gpt_neox phi phi3 olmo olmo2 starcoder2 stablelm granite granitemoe cohere falcon opt bloom gptj "
+    "codegen smollm3 glm glm4 glm4_moe ernie4_5 helium"
+).split()
+
+MAX_PARAMS = 2_000_000
+
+
+def _name(model_type: str) -> str:
+    return "arch-" + model_type.replace("_", "-")
+
+
+def test_enough_architectures():
+    assert len(ARCH_CASES) >= 20
+    names = [c.name for c in ARCH_CASES]
+    assert len(names) == len(set(names))
+
+
+def test_cases_are_in_the_catalogue():
+    catalogue = all_cases()
+    for case in ARCH_CASES:
+        assert catalogue[case.name] is case
+
+
+def test_every_required_architecture_is_a_case_or_skipped_with_a_reason():
+    names = {c.name for c in ARCH_CASES}
+    for model_type in REQUIRED:
+        in_cases = _name(model_type) in names
+        assert in_cases or model_type in SKIPPED_ARCHS, f"{model_type} is neither a case nor in SKIPPED_ARCHS"
+        assert not (in_cases and model_type in SKIPPED_ARCHS), f"{model_type} is both a case and skipped"
+    for model_type, reason in SKIPPED_ARCHS.items():
+        assert _name(model_type) not in names, f"{model_type} is both a case and skipped"
+        assert reason.strip() and "\n" not in reason
+
+
+@pytest.mark.parametrize("case", ARCH_CASES, ids=lambda c: c.name)
+def test_case_fields(case):
+    assert case.name.startswith("arch-") and "_" not in case.name
+    assert case.guards.strip() and "\n" not in case.guards
+    assert case.imports == () and case.dtype == "float32" and case.seed == 0
+    assert "arch" in case.tags
+    assert not case.drop_keys and not case.extra_keys and case.fault is None
+
+
+@pytest.mark.parametrize("case", ARCH_CASES, ids=lambda c: c.name)
+def test_builds_tiny_and_runs(case):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = case.config()
+    assert _name(config.model_type) == case.name
+    torch.manual_seed(case.seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < MAX_PARAMS, f"{case.name}: {n_params} parameters is not tiny"
+
+    keys = set(model.state_dict())
+    persistent = [name for name, _ in model.named_buffers() if name in keys]
+    assert bool(persistent) == (PERSISTENT_BUFFER in case.tags), (
+        f"{case.name}: persistent buffers {persistent} but tags {sorted(case.tags)}"
+    )
+
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(16).view(2, 8) % vocab
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape[:2] == (2, 8)
+    assert torch.isfinite(logits).all(), f"{case.name}: non-finite logits"
