@@ -17,6 +17,7 @@ from functools import partial
 
 # tags a known issue can select cases by
 PERSISTENT_BUFFER = "persistent-buffer"
+BIG = "big"  # hundreds of MiB: the size class the memory check can judge
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class Verdict:
     check: str
     problems: list[str] = field(default_factory=list)
     details: str = ""  # long text for the report (tracebacks, log tails)
+    skipped: str = ""  # why this check could not judge this case (never set when a problem was found)
 
     @property
     def passed(self) -> bool:
@@ -62,8 +63,15 @@ def compare(rec: TensorRecord, want: TensorRecord, who: str, against: str) -> st
         return None
     if rec.digest == "meta":
         return f"{who} {rec.kind} {rec.name} is still on the meta device (never materialised)"
-    detail = describe_difference(rec.value, want.value) if rec.value is not None and want.value is not None else ""
-    return f"{who} {rec.kind} {rec.name} differs from {against}: {detail}".rstrip(": ")
+    if rec.value is not None and want.value is not None:
+        detail = describe_difference(rec.value, want.value)
+    elif rec.sample is not None and want.sample is not None:
+        detail = f"sampled {rec.sample.numel()} of {_numel(rec)} elements (tensor too big to keep): " + (
+            describe_difference(rec.sample, want.sample) if not torch.equal(rec.sample, want.sample) else "sample equal, bytes differ"
+        )
+    else:
+        detail = "digests differ"
+    return f"{who} {rec.kind} {rec.name} differs from {against}: {detail}"
 
 
 def rank_label(rank: int) -> str:
@@ -161,6 +169,51 @@ def check_forward(run: CaseRun, ref: Observation) -> list[str]:
     return problems
 
 
+MiB = 1 << 20
+# Loading (from_pretrained) on a rank that is not its node's loading rank must commit next to nothing:
+# its tensors are replaced by rank 0's broadcast. The zeros_like era committed 1.00x the model there;
+# the fixed path commits ~0.00x. A bound of 0.10x sits 10x below the regression.
+NON_LOADING_RANK_FRACTION = 0.10
+# The loading rank (LOCAL_RANK 0) maps the checkpoint; a matching dtype costs no anonymous memory at all.
+# A cast or a second copy costs 1x; more than 1.5x means the model is held more than once.
+LOADING_RANK_MULTIPLE = 1.5
+# Below this size the allocator's own noise (tens of MiB from imports and arenas) swamps a 0.10x bound.
+MEMORY_MIN_MODEL_BYTES = 64 * MiB
+
+
+def memory_skip_reason(run: CaseRun) -> str:
+    profiles = [obs.memory for obs in run.observations.values()]
+    if any(p.poisoned for p in profiles):
+        return "--poison-uninitialized fills uninitialised memory on every rank, which commits it: memory is not measured"
+    size = max((p.model_bytes for p in profiles), default=0)
+    if size < MEMORY_MIN_MODEL_BYTES:
+        return (
+            f"a {size / MiB:.2f} MiB model is below the {MEMORY_MIN_MODEL_BYTES // MiB} MiB a "
+            f"{NON_LOADING_RANK_FRACTION:g}x bound can resolve above allocator noise; the big-* cases measure memory"
+        )
+    return ""
+
+
+def check_memory(run: CaseRun, ref: Observation) -> list[str]:
+    problems = []
+    for rank, obs in sorted(run.observations.items()):
+        mem = obs.memory
+        phase = mem.phases.get("from_pretrained")
+        if phase is None:
+            problems.append(f"rank {rank} recorded no memory for from_pretrained")
+            continue
+        loading = mem.local_rank == 0
+        bound = (LOADING_RANK_MULTIPLE if loading else NON_LOADING_RANK_FRACTION) * mem.model_bytes
+        if phase.committed > bound:
+            who = "the loading rank (LOCAL_RANK 0)" if loading else "a rank that only receives rank 0's weights"
+            problems.append(
+                f"rank {rank} committed {phase.committed / MiB:.1f} MiB ({phase.committed / mem.model_bytes:.2f}x the "
+                f"{mem.model_bytes / MiB:.1f} MiB model) during from_pretrained; {who} may commit at most "
+                f"{bound / mem.model_bytes:g}x ({mem.source}, peak over the phase)"
+            )
+    return problems
+
+
 def _model_dtype(obs: Observation) -> str:
     """The dtype most parameters have (fp32 buffers inside a bf16 model do not count)."""
     counts: dict[str, int] = {}
@@ -175,13 +228,20 @@ CHECKS: dict[str, Callable[[CaseRun, Observation], list[str]]] = {
     "buffers": check_buffers,
     "parameters": check_parameters,
     "forward": check_forward,
+    "memory": check_memory,
 }
+
+SKIPS: dict[str, Callable[[CaseRun], str]] = {"memory": memory_skip_reason}
 
 CHECK_MEANING = {
     "no-nan": "no NaN or Inf in any parameter, buffer or logit on any rank",
     "buffers": "every buffer (persistent and not) bit-equal to rank 0's and to a plain load, same dtype",
     "parameters": "every parameter bit-equal to a plain load (rank 0's for keys the checkpoint lacks); ties kept",
     "forward": "logits on every rank match a plain load within the dtype's rounding tolerance",
+    "memory": (
+        f"from_pretrained commits at most {NON_LOADING_RANK_FRACTION:g}x the model's bytes on ranks that only receive, "
+        f"{LOADING_RANK_MULTIPLE:g}x on the loading rank (models of {MEMORY_MIN_MODEL_BYTES // MiB} MiB and up)"
+    ),
 }
 
 
@@ -216,9 +276,11 @@ def verdicts(run: CaseRun, ref: Observation | None) -> dict[str, Verdict]:
     out = {}
     for name, fn in CHECKS.items():
         problems, details = blocking_failures(run, ref, needs_logits=name == "forward")
+        skipped = ""
         if not problems:
-            problems = fn(run, ref)
+            skipped = SKIPS[name](run) if name in SKIPS else ""
+            problems = [] if skipped else fn(run, ref)
             if name == "buffers" and problems:
                 details = "\n".join(plain_load_notes(ref))
-        out[name] = Verdict(run.case, name, [f"{run.case}: {p}" for p in problems], details)
+        out[name] = Verdict(run.case, name, [f"{run.case}: {p}" for p in problems], details, skipped)
     return out

@@ -166,10 +166,14 @@ def run(args) -> int:
             guards=case.guards,
             status={c: o.status for c, o in outcomes.items()},
             messages={c: o.message for c, o in outcomes.items() if o.message},
-            memory={r: dict(obs.memory) for r, obs in result.run.observations.items()},
+            memory=report.memory_figures(result.run.observations),
         ))
     out = Console()
     out.print(report.rows_table(rows, checks))
+    from fsdp_load_checks.checks import MEMORY_MIN_MODEL_BYTES
+
+    if any(f.get("model", 0) >= MEMORY_MIN_MODEL_BYTES for row in rows for f in row.memory.values()) or args.command == "check":
+        out.print(report.memory_table(rows))
     for row in rows:
         for check in checks:
             if row.status.get(check) == "failed":

@@ -102,11 +102,13 @@ KNOWN_ISSUES = [
 
 @dataclass
 class Outcome:
-    status: str  # "passed" | "failed" | "xfailed"
+    status: str  # "passed" | "failed" | "xfailed" | "skipped"
     message: str
 
 
 def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None, loader: str = "stock") -> Outcome:
+    if verdict.skipped:
+        return Outcome("skipped", verdict.skipped)
     registry = KNOWN_ISSUES if registry is None else registry
     issues = [k for k in registry if k.applies(case, verdict.check, versions, loader)]
     if not issues:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fsdp_load_checks.memory import MemoryProfile, PhaseMemory
+
 PARAMETER = "parameter"
 BUFFER = "persistent buffer"
 NON_PERSISTENT = "non-persistent buffer"
@@ -33,7 +35,8 @@ class TensorRecord:
     nan: int
     inf: int
     digest: str  # sha256 of the raw bytes; equal digests mean bit-equal tensors
-    value: torch.Tensor | None  # full tensor on CPU
+    value: torch.Tensor | None  # full tensor on CPU, for tensors up to VALUE_LIMIT_BYTES
+    sample: torch.Tensor | None = None  # SAMPLE_SIZE evenly strided elements, for bigger tensors
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Observation:
     # reference only: non-persistent buffers whose plain-load value differs from the model's own
     # __init__ value (the plain-load record is kept here; `tensors` holds the __init__ value)
     init_mismatch: dict[str, TensorRecord] = field(default_factory=dict)
-    memory: dict[str, int] = field(default_factory=dict)  # phase -> anonymous bytes (RssAnon)
+    memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
     failure: Failure | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -85,6 +88,19 @@ def digest(t: torch.Tensor) -> str:
     if t.dim() == 0:
         t = t.reshape(1)
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+# Above this, a record keeps the digest and a strided sample, not the tensor: a big checkpoint must not
+# be copied once per rank into result files and the parent's memory. Equality is still exact (digest);
+# only the description of a difference becomes sampled.
+VALUE_LIMIT_BYTES = 1 << 20
+SAMPLE_SIZE = 64
+
+
+def strided_sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(SAMPLE_SIZE, flat.numel())).long()
+    return flat[index].clone()
 
 
 def record(name: str, kind: str, tensor: torch.Tensor) -> TensorRecord:
@@ -106,7 +122,8 @@ def record(name: str, kind: str, tensor: torch.Tensor) -> TensorRecord:
         nan=int(torch.isnan(full).sum()) if floating else 0,
         inf=int(torch.isinf(full).sum()) if floating else 0,
         digest=digest(full),
-        value=full.clone(),
+        value=full.clone() if full.numel() * full.element_size() <= VALUE_LIMIT_BYTES else None,
+        sample=None if full.numel() * full.element_size() <= VALUE_LIMIT_BYTES else strided_sample(full),
     )
 
 
@@ -153,24 +170,6 @@ def forward_logits(model: torch.nn.Module, device: torch.device) -> torch.Tensor
     return out.logits.detach().float().cpu()
 
 
-def anon_bytes() -> int:
-    """Anonymous resident memory of this process.
-
-    RssAnon, not RSS or USS: safetensors are memory-mapped, and file pages a
-    rank merely maps (or rank 0 reads) are not memory the loader committed.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def failure_from(exc: BaseException, rank: int, phase: str) -> Failure:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return Failure(
@@ -195,6 +194,9 @@ def read(path: str) -> Observation:
     raw["ties"] = [tuple(t) for t in raw["ties"]]
     raw["missing_keys"] = tuple(raw["missing_keys"])
     raw["init_mismatch"] = {k: TensorRecord(**v) for k, v in raw["init_mismatch"].items()}
+    mem = raw["memory"]
+    mem["phases"] = {k: PhaseMemory(**v) for k, v in mem["phases"].items()}
+    raw["memory"] = MemoryProfile(**mem)
     if raw["failure"] is not None:
         raw["failure"] = Failure(**raw["failure"])
     return Observation(**raw)

@@ -18,6 +18,7 @@ from fsdp_load_checks import known_issues, loaders, runner
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.launch import LaunchConfig
 from fsdp_load_checks.options import backend_for, parse_nproc
+from fsdp_load_checks.report import memory_figures
 
 
 def pytest_addoption(parser):
@@ -100,6 +101,8 @@ class Suite:
         outcome = self.outcome(case, check)
         if outcome.status == "xfailed":
             pytest.xfail(outcome.message)
+        if outcome.status == "skipped":
+            pytest.skip(outcome.message)
         if outcome.status == "failed":
             details = self.result(case).verdicts[check].details
             pytest.fail(outcome.message + (f"\n\n{details}" if details else ""), pytrace=False)
@@ -119,7 +122,12 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     callspec = getattr(item, "callspec", None)
     if callspec and "fsdp_case" in callspec.params and "fsdp_check" in callspec.params:
-        report.user_properties.append(("fsdp", (callspec.params["fsdp_case"], callspec.params["fsdp_check"])))
+        case, check = callspec.params["fsdp_case"], callspec.params["fsdp_check"]
+        report.user_properties.append(("fsdp", (case, check)))
+        suite = item.funcargs.get("fsdp_suite") if hasattr(item, "funcargs") else None
+        if call.when == "call" and check == "memory" and suite is not None and case in suite.results:
+            # plain data, so it reaches the xdist controller's terminal summary
+            report.user_properties.append(("fsdp-memory", (case, memory_figures(suite.results[case].run.observations))))
 
 
 def pytest_runtest_logreport(report):
@@ -129,15 +137,22 @@ def pytest_runtest_logreport(report):
         if key == "fsdp":
             status = "xfailed" if hasattr(report, "wasxfail") else report.outcome
             TABLE[tuple(value)] = status
+        if key == "fsdp-memory":
+            MEMORY[value[0]] = {int(r): f for r, f in value[1].items()}
 
 
 TABLE: dict[tuple[str, str], str] = {}
+MEMORY: dict[str, dict[int, dict[str, int]]] = {}
 
 
 def pytest_terminal_summary(terminalreporter):
     if not TABLE:
         return
-    from fsdp_load_checks.report import verdict_table
+    from fsdp_load_checks.checks import MEMORY_MIN_MODEL_BYTES
+    from fsdp_load_checks.report import Row, memory_table, render, verdict_table
 
     terminalreporter.write_sep("=", "fsdp-load-checks verdicts (case x check)")
     terminalreporter.write_line(verdict_table(TABLE, list(CHECKS)))
+    rows = [Row(case, memory=figures) for case, figures in MEMORY.items()]
+    if any(f.get("model", 0) >= MEMORY_MIN_MODEL_BYTES for row in rows for f in row.memory.values()):
+        terminalreporter.write_line(render(memory_table(rows, MEMORY_MIN_MODEL_BYTES)))

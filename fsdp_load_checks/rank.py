@@ -107,35 +107,40 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress: Pr
 
     from fsdp_load_checks import loaders, observe
     from fsdp_load_checks.cases import import_all
+    from fsdp_load_checks.checkpoints import model_bytes
+    from fsdp_load_checks.memory import MemoryProfile, Sampler
     from fsdp_load_checks.poison import poisoned
     from fsdp_load_checks.prepare import prepare_fsdp2
 
     rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     obs = observe.Observation(case=task.case, rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     obs.versions = observe.stack_versions()
-    obs.memory["start"] = observe.anon_bytes()
+    obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=spec.poison)
     phase = "import"
     model = None
     try:
-        import_all(tuple(task.imports))
-        with loaders.get(spec.loader).patch():
-            phase = "from_pretrained"
-            progress(phase, task.case, task.fault)
-            torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
-            with poisoned(int(os.environ["LOCAL_RANK"]) == 0 or spec.poison):  # the loading rank
-                model = AutoModelForCausalLM.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
-            obs.memory["after from_pretrained"] = observe.anon_bytes()
-            phase = "fsdp2_prepare"
+        with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
+            import_all(tuple(task.imports))
+            with loaders.get(spec.loader).patch():
+                phase = "from_pretrained"
+                progress(phase, task.case, task.fault)
+                memory.phase(phase)
+                torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
+                with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
+                    model = AutoModelForCausalLM.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
+                phase = "fsdp2_prepare"
+                progress(phase)
+                memory.phase(phase)
+                model = prepare_fsdp2(accelerator, model, device)
+            phase = "observe"
             progress(phase)
-            model = prepare_fsdp2(accelerator, model, device)
-            obs.memory["after fsdp2_prepare"] = observe.anon_bytes()
-        phase = "observe"
-        progress(phase)
-        obs.tensors, obs.ties = observe.observe_tensors(model, before_gather=progress.tick)
-        phase = "forward"
-        progress(phase)
-        obs.logits = observe.forward_logits(model, device)
-        obs.memory["after forward"] = observe.anon_bytes()
+            memory.phase(phase)
+            obs.tensors, obs.ties = observe.observe_tensors(model, before_gather=progress.tick)
+            phase = "forward"
+            progress(phase)
+            memory.phase(phase)
+            obs.logits = observe.forward_logits(model, device)
     except Exception as exc:  # recorded with the rank and phase; the parent decides
         obs.failure = observe.failure_from(exc, rank, phase)
     finally:

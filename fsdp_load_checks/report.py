@@ -21,7 +21,44 @@ class Row:
     guards: str = ""
     status: dict[str, str] = field(default_factory=dict)  # check -> passed | failed | xfailed
     messages: dict[str, str] = field(default_factory=dict)  # check -> failure / xfail message
-    memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> bytes
+    memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> committed bytes ("model": size)
+
+
+MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")
+
+
+def memory_figures(observations: dict) -> dict[int, dict[str, int]]:
+    """rank -> phase -> bytes committed at the phase's peak, plus the model's size, from rank observations."""
+    out = {}
+    for rank, obs in sorted(observations.items()):
+        figures = {"model": obs.memory.model_bytes}
+        figures.update({p: m.committed for p, m in obs.memory.phases.items()})
+        out[rank] = figures
+    return out
+
+
+def memory_table(rows: list[Row], min_model_bytes: int = 0):
+    """Per case and rank: what each phase committed at its peak, in MiB and as a multiple of the model."""
+    from rich.table import Table
+
+    t = Table(header_style="bold", title="host memory committed per phase (RssAnon peak - start), MiB (x model)")
+    for col in ("case", "rank", "model MiB", *MEMORY_PHASES):
+        t.add_column(col, justify="left" if col == "case" else "right")
+    for row in rows:
+        for rank, figures in sorted(row.memory.items()):
+            model = figures.get("model", 0)
+            if model < min_model_bytes:
+                continue
+            cells = [
+                f"{figures[p] / 2**20:.1f} ({figures[p] / model:.2f}x)" if p in figures and model else "-"
+                for p in MEMORY_PHASES
+            ]
+            t.add_row(row.case, str(rank), f"{model / 2**20:.1f}", *cells)
+    return t
+
+
+def render(renderable) -> str:
+    return _render(renderable)
 
 
 def _render(table) -> str:

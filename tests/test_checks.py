@@ -130,3 +130,54 @@ def test_a_lost_rank_fails_every_check():
     bad = run_of(observation(0), lost=[lost])
     for check in CHECKS:
         assert problems(check, bad, REF) == ["c: rank 1 died during observe of c, exit code -6 (SIGABRT)"]
+
+
+MODEL = 300 << 20
+
+
+def with_memory(rank: int, from_pretrained: int, *, model: int = MODEL, local_rank: int | None = None, poisoned=False):
+    from fsdp_load_checks.memory import MemoryProfile, PhaseMemory
+
+    obs = observation(rank)
+    base = 500 << 20
+    obs.memory = MemoryProfile(
+        model_bytes=model,
+        local_rank=rank if local_rank is None else local_rank,
+        poisoned=poisoned,
+        phases={"from_pretrained": PhaseMemory(base, base + from_pretrained // 2, base + from_pretrained)},
+    )
+    return obs
+
+
+def test_memory_passes_when_receiving_ranks_commit_nothing():
+    run = run_of(with_memory(0, 1 << 20), with_memory(1, 1 << 20))
+    assert verdicts(run, REF)["memory"].passed and not verdicts(run, REF)["memory"].skipped
+
+
+def test_memory_catches_the_zeros_like_regression_on_the_receiving_rank():
+    run = run_of(with_memory(0, 1 << 20), with_memory(1, MODEL))  # the whole model committed on rank 1
+    assert problems("memory", run, REF) == [
+        "c: rank 1 committed 300.0 MiB (1.00x the 300.0 MiB model) during from_pretrained; a rank that only "
+        "receives rank 0's weights may commit at most 0.1x (RssAnon, peak over the phase)"
+    ]
+
+
+def test_memory_bounds_the_loading_rank_by_a_multiple():
+    run = run_of(with_memory(0, 2 * MODEL), with_memory(1, 0))
+    assert problems("memory", run, REF)[0].startswith("c: rank 0 committed 600.0 MiB (2.00x")
+
+
+def test_memory_judges_each_nodes_local_rank_0_as_a_loading_rank():
+    # 2 nodes x 1 rank: global rank 1 is its node's LOCAL_RANK 0 and loads the checkpoint itself
+    run = run_of(with_memory(0, MODEL), with_memory(1, MODEL, local_rank=0))
+    assert problems("memory", run, REF) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [({"model": 1 << 20}, "below the 64 MiB"), ({"poisoned": True}, "--poison-uninitialized")],
+)
+def test_memory_says_why_it_cannot_judge(kwargs, reason):
+    run = run_of(with_memory(0, 0, **kwargs), with_memory(1, 10 * MODEL, **kwargs))
+    verdict = verdicts(run, REF)["memory"]
+    assert verdict.passed and reason in verdict.skipped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from fsdp_load_checks.cases import PERSISTENT_BUFFER, Case
+from fsdp_load_checks.cases import BIG, PERSISTENT_BUFFER, Case
 from toy_models.decoder import ToyDecoderConfig
 
 TOY = ("toy_models",)
@@ -66,4 +66,14 @@ TOY_CASES = [
         persistent=True,
         num_experts=4,
     ),
+    toy(
+        "big-llama",
+        "size class for the memory check (~290 MiB fp32): ranks that only receive must commit ~0x the model while "
+        "loading (the zeros_like-era OOM regression committed 1x on every rank)",
+        vocab_size=16384,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+    ).with_tags(BIG),
 ]
