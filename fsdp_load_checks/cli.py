@@ -60,6 +60,8 @@ def writable(path: str | None, flag: str) -> None:
     if path is None:
         return
     parent = Path(path).expanduser().resolve().parent
+    if Path(path).is_dir():
+        raise UsageError(f"{flag} {path} is a directory; pass a file path, e.g. {Path(path) / 'report'}")
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: directory {parent} does not exist; create it or pick another path")
     if not os.access(parent, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
@@ -209,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fsdp-load-checks: interrupted; every rank was stopped", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("FSDP_LOAD_CHECKS_DEBUG"):
+            raise
+        print(
+            f"fsdp-load-checks: internal error: {type(exc).__name__}: {exc}; rerun with FSDP_LOAD_CHECKS_DEBUG=1 "
+            "for the traceback and report it",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

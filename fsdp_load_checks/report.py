@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SYMBOL = {"passed": "pass", "failed": "FAIL", "xfailed": "xfail", "skipped": "skip"}
-STYLE = {"passed": "green", "failed": "bold red", "xfailed": "yellow"}
+STYLE = {"passed": "green", "failed": "bold red", "xfailed": "yellow", "skipped": "dim"}
 
 
 @dataclass
@@ -97,7 +97,11 @@ def rows_table(rows: list[Row], checks: list[str]):
     for check in checks:
         t.add_column(check)
     for row in rows:
-        cells = [f"[{STYLE.get(row.status.get(c, ''), '')}]{SYMBOL.get(row.status.get(c, ''), '-')}[/]" for c in checks]
+        cells = []
+        for check in checks:
+            status = row.status.get(check, "")
+            text = SYMBOL.get(status, "-")
+            cells.append(f"[{STYLE[status]}]{text}[/]" if status in STYLE else text)
         t.add_row(row.case, *cells)
     return t
 
