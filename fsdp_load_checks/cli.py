@@ -28,6 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", default="2", help="ranks per launch (torchrun --nproc-per-node); default 2")
+    p.add_argument("--nnodes", default="1", help="simulate this many nodes on this machine, --nproc ranks each")
     p.add_argument("--loader", default="stock", help="loader under test (default stock: the installed stack); see `list`")
     p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"), help="auto: nccl when every rank can own a GPU")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take on a rank before it is killed as hung")
@@ -36,6 +37,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every outcome and message as JSON")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case x check)")
     p.add_argument("--markdown", metavar="FILE", help="write the table and findings as markdown")
+    p.add_argument("--plot-memory", metavar="DIR", help="write a PNG per case: memory over time per rank, phases marked")
     p.add_argument("--work-dir", metavar="DIR", help="where checkpoints, references and rank logs go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (rank logs) after the run")
 
@@ -71,18 +73,21 @@ def writable(path: str | None, flag: str) -> None:
 def launch_config(args):
     from fsdp_load_checks import loaders
     from fsdp_load_checks.launch import LaunchConfig
-    from fsdp_load_checks.options import backend_for, parse_nproc
+    from fsdp_load_checks.options import backend_for, parse_nnodes, parse_nproc
 
     try:
         nproc = parse_nproc(args.nproc)
+        nnodes = parse_nnodes(args.nnodes)
         loaders.get(args.loader)
-        backend = backend_for(args.backend, nproc)
+        backend = backend_for(args.backend, nproc, nnodes)
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc.args[0])) from None
     for flag, value in (("--timeout", args.timeout), ("--startup-timeout", args.startup_timeout)):
         if value <= 0:
             raise UsageError(f"{flag} must be positive seconds, got {value:g}")
-    return LaunchConfig(nproc, args.loader, backend, args.timeout, args.startup_timeout, poison=args.poison_uninitialized)
+    return LaunchConfig(
+        nproc, args.loader, backend, args.timeout, args.startup_timeout, poison=args.poison_uninitialized, nnodes=nnodes
+    )
 
 
 def select_cases(args):
@@ -142,6 +147,11 @@ def run(args) -> int:
     cfg = launch_config(args)
     for flag in ("json", "junit", "markdown"):
         writable(getattr(args, flag), f"--{flag}")
+    if args.plot_memory:
+        try:
+            Path(args.plot_memory).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--plot-memory {args.plot_memory}: cannot create it ({exc.strerror})") from None
     selected = select_cases(args)
     console = Console(stderr=True)
     root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fsdp-load-checks-"))
@@ -150,7 +160,7 @@ def run(args) -> int:
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task(f"{len(selected)} case(s) x {cfg.nproc} rank(s), loader {cfg.loader}", total=len(selected) * cfg.nproc)
+            task = progress.add_task(f"{len(selected)} case(s) x {cfg.nproc} rank(s), loader {cfg.loader}", total=len(selected) * cfg.world_size)
             results = runner.run_batch(root, selected, cfg, on_progress=lambda case, rank: progress.advance(task))
     except runner.SetupError as exc:
         console.print(f"[bold red]error:[/] {str(exc).splitlines()[0]}")
@@ -181,14 +191,23 @@ def run(args) -> int:
             if row.status.get(check) == "failed":
                 out.print(f"[bold red]FAIL[/] {row.case}/{check}: " + row.messages[check].replace("\n", "\n    "), highlight=False)
     failed = any(s == "failed" for row in rows for s in row.status.values())
-    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "backend": cfg.backend, "passed": not failed}
+    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend, "passed": not failed}
     if args.json:
         report.write(args.json, report.to_json(rows, meta))
     if args.junit:
         report.write(args.junit, report.junit(rows, checks))
     if args.markdown:
-        header = f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nproc} ranks ({cfg.backend})"
+        header = f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nnodes} node(s) x {cfg.nproc} ranks ({cfg.backend})"
         report.write(args.markdown, report.markdown(rows, checks, header))
+    if args.plot_memory:
+        from fsdp_load_checks.plot import PlotUnavailable, plot_memory
+
+        try:
+            for case in selected:
+                path = plot_memory(case.name, results[case.name].run.observations, Path(args.plot_memory), cfg.loader)
+                out.print(f"memory plot: {path}")
+        except PlotUnavailable as exc:
+            raise UsageError(str(exc)) from None
     counts = {s: sum(row.status.get(c) == s for row in rows for c in checks) for s in ("passed", "xfailed", "failed")}
     out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed")
     return EXIT_FAILED if failed else EXIT_OK

@@ -72,21 +72,40 @@ class LaunchConfig:
     startup_timeout_s: float = 300.0
     control_timeout_s: float = 5.0
     poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
+    nnodes: int = 1  # >1: that many torchrun agents on this machine, one per simulated node
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
 
 
-def torchrun_command(spec_path: Path, cfg: LaunchConfig) -> list[str]:
-    # --standalone: a c10d rendezvous on localhost:0, so concurrent launches never share a port
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_commands(spec_path: Path, cfg: LaunchConfig) -> list[list[str]]:
+    """One torchrun agent per node.
+
+    One node: --standalone, a c10d rendezvous on localhost:0, so concurrent
+    launches never share a port. Several: agents meet at a fresh port (the
+    first agent hosts the store) under a unique run id, as on a real
+    multi-node job, where each node's LOCAL_RANK 0 is a loading rank.
+    """
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}", "--max-restarts=0",
+            "--monitor-interval=0.1"]
+    tail = ["-m", "fsdp_load_checks.rank", str(spec_path)]
+    if cfg.nnodes == 1:
+        return [[*base, "--standalone", *tail]]
+    endpoint = f"127.0.0.1:{free_port()}"
+    run_id = f"fsdp-load-checks-{os.getpid()}-{spec_path.parent.name}"
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={cfg.nproc}",
-        "--max-restarts=0",
-        "--monitor-interval=0.1",
-        "-m",
-        "fsdp_load_checks.rank",
-        str(spec_path),
+        [*base, f"--nnodes={cfg.nnodes}", f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+         f"--rdzv-id={run_id}", *(["--rdzv-conf=is_host=1"] if node == 0 else ["--rdzv-conf=is_host=0"]), *tail]
+        for node in range(cfg.nnodes)
     ]
 
 
@@ -187,15 +206,15 @@ def split_overdue(overdue: list[int], states: dict[int, dict | None]) -> Watch:
     return Watch(hung=hung, waiting=set(overdue) - hung)
 
 
-def wait(proc: subprocess.Popen, out_dir: Path, cfg: LaunchConfig, on_progress: Callable | None) -> Watch:
+def wait(procs: list[subprocess.Popen], out_dir: Path, cfg: LaunchConfig, on_progress: Callable | None) -> Watch:
     """Poll until torchrun exits or a rank overstays its case (or start-up) budget."""
     seen: dict[int, tuple[str, float]] = {}
     started = time.monotonic()
     done_cases: set[str] = set()
-    while proc.poll() is None:
+    while any(p.poll() is None for p in procs):
         time.sleep(POLL_S)
         now = time.monotonic()
-        states = {r: read_progress(out_dir, r) for r in range(cfg.nproc)}
+        states = {r: read_progress(out_dir, r) for r in range(cfg.world_size)}
         if on_progress:
             for r, s in states.items():
                 if s and s["phase"] == "done" and (s["case"], r) not in done_cases:
@@ -216,7 +235,7 @@ def wait(proc: subprocess.Popen, out_dir: Path, cfg: LaunchConfig, on_progress: 
             # judge every live rank, not only the first overdue: the one that hangs may have entered later
             live = [r for r, s in states.items() if (s or {}).get("phase") != "exit"]
             return split_overdue(live, states)
-        if len(seen) < cfg.nproc and now - started > cfg.startup_timeout_s:
+        if len(seen) < cfg.world_size and now - started > cfg.startup_timeout_s:
             return Watch(startup_timeout=True)
     return Watch()
 
@@ -233,26 +252,31 @@ def launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_prog
     )
     spec_path = out_dir / "spec.json"
     spec.save(spec_path)
-    with open(out_dir / "launch.log", "wb") as log:
-        proc = subprocess.Popen(
-            torchrun_command(spec_path, cfg),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=rank_env(),
-            start_new_session=True,
-        )
-        try:
-            watch = wait(proc, out_dir, cfg, on_progress)
-            if watch.hung or watch.waiting or watch.startup_timeout:
-                dump_stacks(out_dir, cfg.nproc)
-        finally:
+    procs: list[subprocess.Popen] = []
+    try:
+        for node, cmd in enumerate(torchrun_commands(spec_path, cfg)):
+            with open(launch_log(out_dir, node), "wb") as log:
+                procs.append(subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=rank_env(),
+                    start_new_session=True,
+                ))
+        watch = wait(procs, out_dir, cfg, on_progress)
+        if watch.hung or watch.waiting or watch.startup_timeout:
+            dump_stacks(out_dir, cfg.world_size)
+    finally:
+        for proc in procs:
             kill_tree(proc)
     return watch
 
 
+def launch_log(out_dir: Path, node: int) -> Path:
+    return out_dir / ("launch.log" if node == 0 else f"launch.node{node}.log")
+
+
 def lost_ranks(case: str, missing: list[int], out_dir: Path, cfg: LaunchConfig, watch: Watch) -> list[LostRank]:
-    codes = exit_codes(out_dir / "launch.log")
+    codes = {}
+    for node in range(cfg.nnodes):
+        codes.update(exit_codes(launch_log(out_dir, node)))
     lost = []
     for r in missing:
         state = read_progress(out_dir, r) or {"case": case, "phase": "startup"}
@@ -287,21 +311,21 @@ def run(
     while remaining:
         out_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work_dir))
         watch = launch_once(remaining, out_dir, cfg, on_progress)
-        reached_any = any((read_progress(out_dir, r) or {}).get("case") for r in range(cfg.nproc))
+        reached_any = any((read_progress(out_dir, r) or {}).get("case") for r in range(cfg.world_size))
         for i, task in enumerate(remaining):
-            run_ = CaseRun(task.case, cfg.nproc, launch_dir=str(out_dir))
-            for r in range(cfg.nproc):
+            run_ = CaseRun(task.case, cfg.world_size, launch_dir=str(out_dir))
+            for r in range(cfg.world_size):
                 path = result_path(out_dir, task.case, r)
                 if path.exists():
                     run_.observations[r] = observe.read(str(path))
             runs[task.case] = run_
-            missing = [r for r in range(cfg.nproc) if r not in run_.observations]
+            missing = [r for r in range(cfg.world_size) if r not in run_.observations]
             if missing:
                 run_.lost = lost_ranks(task.case, missing, out_dir, cfg, watch)
                 if not reached_any:
                     # nothing ever started: the same failure would repeat for every case
                     for later in remaining[i + 1 :]:
-                        runs[later.case] = CaseRun(later.case, cfg.nproc, lost=run_.lost, launch_dir=str(out_dir))
+                        runs[later.case] = CaseRun(later.case, cfg.world_size, lost=run_.lost, launch_dir=str(out_dir))
                     remaining = []
                 else:
                     remaining = remaining[i + 1 :]

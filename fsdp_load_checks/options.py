@@ -21,15 +21,26 @@ def parse_nproc(raw) -> int:
     return value
 
 
+def parse_nnodes(raw) -> int:
+    try:
+        value = int(str(raw), 10)
+    except ValueError:
+        raise ValueError(f"--nnodes must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"--nnodes must be at least 1, got {value}")
+    return value
+
+
 def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def backend_for(choice: str, nproc: int) -> str:
-    """nccl only when every rank can own a GPU; gloo (CPU) otherwise."""
+def backend_for(choice: str, nproc: int, nnodes: int = 1) -> str:
+    """nccl only when every rank can own a GPU; gloo (CPU) otherwise. Simulated nodes share this machine's GPUs."""
     gpus = gpu_count()
+    nproc = nproc * nnodes
     if choice == "nccl" and gpus < nproc:
         raise ValueError(
             f"--fsdp-backend nccl needs one GPU per rank: --nproc {nproc} but {gpus} GPU(s) visible; "

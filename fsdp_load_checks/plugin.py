@@ -17,13 +17,14 @@ from fsdp_load_checks import cases as catalogue
 from fsdp_load_checks import known_issues, loaders, runner
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.launch import LaunchConfig
-from fsdp_load_checks.options import backend_for, parse_nproc
+from fsdp_load_checks.options import backend_for, parse_nnodes, parse_nproc
 from fsdp_load_checks.report import memory_figures
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fsdp-load-checks")
     group.addoption("--nproc", default="2", help="ranks per launch (torchrun --nproc-per-node); default 2")
+    group.addoption("--nnodes", type=int, default=1, help="simulate this many nodes on this machine (torchrun agents), --nproc ranks each")
     group.addoption("--loader", default="stock", help=f"loader under test: {', '.join(loaders.LOADERS)} (default stock)")
     group.addoption("--fsdp-timeout", type=float, default=120.0, help="seconds one case may take on a rank before it is killed as hung")
     group.addoption("--fsdp-startup-timeout", type=float, default=300.0, help="seconds for all ranks to start")
@@ -44,10 +45,11 @@ def launch_config(config) -> LaunchConfig:
     return LaunchConfig(
         nproc=nproc,
         loader=loader,
-        backend=backend_for(config.getoption("--fsdp-backend"), nproc),
+        backend=backend_for(config.getoption("--fsdp-backend"), nproc, config.getoption("--nnodes")),
         case_timeout_s=config.getoption("--fsdp-timeout"),
         startup_timeout_s=config.getoption("--fsdp-startup-timeout"),
         poison=config.getoption("--poison-uninitialized"),
+        nnodes=parse_nnodes(config.getoption("--nnodes")),
     )
 
 
@@ -90,7 +92,7 @@ class Suite:
             batch = self.batch_of[case]
             members = [c for c in self.cases if self.batch_of[c.name] == batch]
             poison = "-poison" if self.cfg.poison else ""
-            key = f"{self.cfg.loader}-n{self.cfg.nproc}{poison}-batch{batch}"
+            key = f"{self.cfg.loader}-n{self.cfg.nnodes}x{self.cfg.nproc}{poison}-batch{batch}"
             self.results.update(runner.run_batch_once(self.root, key, members, self.cfg))
         return self.results[case]
 

@@ -1,0 +1,34 @@
+"""Two simulated nodes x 2 ranks on one machine: two torchrun agents over a local c10d rendezvous.
+
+transformers picks its loading rank by LOCAL_RANK, so each node's local
+rank 0 reads the checkpoint while accelerate broadcasts from global rank 0.
+Every rank must still end equal to global rank 0 and to a plain load.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fsdp_load_checks import cases, launch, runner
+
+CASES = ["llama-rope", "missing-head", "tied-embeddings"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    cfg = launch.LaunchConfig(nproc=2, nnodes=2, case_timeout_s=120)
+    return runner.run_batch(tmp_path_factory.mktemp("two-nodes"), cases.select(CASES), cfg)
+
+
+def test_four_ranks_on_two_nodes_each_with_its_own_local_rank_0(two_nodes):
+    run = two_nodes["llama-rope"].run
+    assert sorted(run.observations) == [0, 1, 2, 3]
+    assert [run.observations[r].memory.local_rank for r in range(4)] == [0, 1, 0, 1]
+    assert all(obs.world_size == 4 for obs in run.observations.values())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_rank_ends_equal_to_global_rank_0_and_a_plain_load(two_nodes, case):
+    result = two_nodes[case]
+    bad = {name: v.problems for name, v in result.verdicts.items() if not v.passed}
+    assert bad == {}
