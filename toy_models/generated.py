@@ -190,8 +190,9 @@ def validate(layout: dict) -> None:
             raise ValueError(f"bad tie target {tie['target']!r}")
         names.add(tie["target"])
     for alias in layout["shared"]:
-        if specs.get(alias["source"], {}).get("kind") != "buffer":
-            raise ValueError(f"shared source {alias['source']!r} is not a buffer of the layout")
+        if specs.get(alias["source"], {}).get("kind") != "buffer" or specs[alias["source"]]["persistent"]:
+            # a persistent one cannot even be saved: save_pretrained refuses shared tensors that are not tied weights
+            raise ValueError(f"shared source {alias['source']!r} is not a non-persistent buffer of the layout")
         path, _, name = alias["alias"].rpartition(".")
         if path not in layout["modules"] or not re.fullmatch(r"s\d+", name) or alias["alias"] in names:
             raise ValueError(f"bad shared alias {alias['alias']!r}")
@@ -221,8 +222,9 @@ def initial_value(name: str, spec: dict) -> torch.Tensor:
         return value.to(torch.float32).reshape(shape)
     if spec["dtype"] == "int64":
         return ((torch.arange(numel) * 3 + k) % 7 + 1).reshape(shape)
-    # bool: a pattern with at least one True and, when there is room, one False
-    return ((torch.arange(numel) + k) % 3 != 0).reshape(shape) | (torch.arange(numel) == 0).reshape(shape)
+    # bool: element 0 False (poisoned memory reads True), element 1 True (a zeros placeholder reads False)
+    idx = torch.arange(numel)
+    return (((idx + k) % 3 != 0) & (idx != 0) | (idx == 1)).reshape(shape)
 
 
 def mixing(name: str, numel: int, hidden: int) -> torch.Tensor:
@@ -257,8 +259,7 @@ class GeneratedConfig(PretrainedConfig):
         self.layout = layout
         self.vocab_size = layout["vocab_size"]
         self.hidden_size = layout["hidden_size"]
-        shared_persistent = any(tensor_specs(layout)[a["source"]]["persistent"] for a in layout["shared"])
-        kwargs["tie_word_embeddings"] = bool(layout["tie_embeddings"] or layout["ties"] or shared_persistent)
+        kwargs["tie_word_embeddings"] = bool(layout["tie_embeddings"] or layout["ties"])
         super().__init__(**kwargs)
 
 
@@ -399,10 +400,6 @@ class GeneratedForCausalLM(GeneratedPreTrainedModel):
         ties = {t["target"]: t["source"] for t in layout["ties"]}
         if layout["tie_embeddings"]:
             ties["lm_head.weight"] = "model.embed_tokens.weight"
-        specs = tensor_specs(layout)
-        for alias in layout["shared"]:  # save_pretrained refuses shared tensors it was not told about
-            if specs[alias["source"]]["persistent"]:
-                ties[alias["alias"]] = alias["source"]
         self._tied_weights_keys = ties
         self.post_init()
 
