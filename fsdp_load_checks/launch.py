@@ -28,6 +28,7 @@ from fsdp_load_checks.rank import LaunchSpec, RankTask, log_path, progress_path,
 
 POLL_S = 0.2
 STACK_DUMP_WAIT_S = 1.0
+PEER_GRACE_S = 2.0
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Watch:
     hung: set[int] = field(default_factory=set)  # overdue ranks furthest behind: the ones that hang
     waiting: set[int] = field(default_factory=set)  # overdue ranks blocked on the hung ones
     startup_timeout: bool = False
+    port_in_use: str = ""  # the rendezvous endpoint a torchrun agent could not listen on
 
 
 PHASE_ORDER = ("startup", "import", "from_pretrained", "fsdp2_prepare", "observe", "forward", "done", "exit")
@@ -211,9 +213,16 @@ def wait(procs: list[subprocess.Popen], out_dir: Path, cfg: LaunchConfig, on_pro
     seen: dict[int, tuple[str, float]] = {}
     started = time.monotonic()
     done_cases: set[str] = set()
+    first_dead = None
     while any(p.poll() is None for p in procs):
         time.sleep(POLL_S)
         now = time.monotonic()
+        if first_dead is None and any(p.poll() not in (None, 0) for p in procs):
+            first_dead = now
+        if first_dead is not None and now - first_dead > cfg.control_timeout_s + PEER_GRACE_S:
+            # one node's agent failed: the other agents can only wait for it (a rendezvous that never
+            # completes, or collectives with missing peers); give their ranks time to write, then stop
+            return Watch()
         states = {r: read_progress(out_dir, r) for r in range(cfg.world_size)}
         if on_progress:
             for r, s in states.items():
@@ -240,7 +249,24 @@ def wait(procs: list[subprocess.Popen], out_dir: Path, cfg: LaunchConfig, on_pro
     return Watch()
 
 
+PORT_RETRIES = 3
+
+
 def launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_progress=None) -> Watch:
+    """One launch; a rendezvous port taken between our pick and torchrun's bind is re-picked."""
+    for _ in range(PORT_RETRIES):
+        watch = _launch_once(tasks, out_dir, cfg, on_progress)
+        if not watch.port_in_use or any(read_progress(out_dir, r) for r in range(cfg.world_size)):
+            return watch
+        for node in range(cfg.nnodes):
+            launch_log(out_dir, node).rename(launch_log(out_dir, node).with_suffix(f".port-in-use.{_}.log"))
+    return watch
+
+
+PORT_IN_USE_RE = re.compile(r"port: (\d+).*EADDRINUSE")
+
+
+def _launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_progress=None) -> Watch:
     spec = LaunchSpec(
         tasks=tasks,
         out_dir=str(out_dir),
@@ -266,6 +292,10 @@ def launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_prog
     finally:
         for proc in procs:
             kill_tree(proc)
+    for node in range(cfg.nnodes):
+        found = PORT_IN_USE_RE.search(tail(launch_log(out_dir, node), 200))
+        if found:
+            watch.port_in_use = f"127.0.0.1:{found.group(1)}"
     return watch
 
 
@@ -286,6 +316,9 @@ def lost_ranks(case: str, missing: list[int], out_dir: Path, cfg: LaunchConfig, 
         elif r in watch.waiting:
             behind = ", ".join(map(str, sorted(watch.hung)))
             how = f"was blocked waiting for rank {behind} (killed)"
+        elif watch.port_in_use and read_progress(out_dir, r) is None:
+            how = (f"never started: rendezvous port {watch.port_in_use} was in use {PORT_RETRIES} times in a row "
+                   "(another program is binding ports as fast as we pick them; free some ports or retry)")
         elif watch.startup_timeout:
             how = f"did not start within {cfg.startup_timeout_s:g}s"
         elif codes.get(r, 0) not in (0, -signal.SIGTERM, -signal.SIGKILL):

@@ -9,6 +9,7 @@ meet on a TCP port the launcher picks, the one place a collision could happen.
 from __future__ import annotations
 
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,3 +41,45 @@ def test_fifty_concurrent_launches_all_rendezvous_and_leave_nothing(tmp_path):
     assert not_exited == {}
     leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert leftover == []
+
+
+def test_a_rendezvous_port_taken_before_torchrun_binds_it_is_picked_again(tmp_path, monkeypatch):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])  # the first pick collides, later picks are fresh
+    real_free_port = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real_free_port())
+    cfg = launch.LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
+    out_dir = tmp_path / "launch"
+    out_dir.mkdir()
+    try:
+        watch = launch.launch_once([], out_dir, cfg)
+    finally:
+        taken.close()
+    assert [launch.read_progress(out_dir, r)["phase"] for r in range(2)] == ["exit", "exit"]
+    assert not watch.port_in_use
+    assert list(out_dir.glob("launch.port-in-use.*.log"))  # the collision was seen, and retried
+
+
+def test_a_port_that_stays_taken_is_reported_in_one_line(tmp_path, monkeypatch):
+    import socket
+
+    from fsdp_load_checks import cases, runner
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(launch, "free_port", lambda: port)
+    cfg = launch.LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
+    start = time.monotonic()
+    try:
+        result = runner.run_batch(tmp_path, cases.select(["llama-rope"]), cfg)["llama-rope"]
+    finally:
+        taken.close()
+    line = result.verdicts["buffers"].problems[0]
+    assert f"rendezvous port 127.0.0.1:{port} was in use 3 times in a row" in line, line
+    assert time.monotonic() - start < 90  # a dead agent ends the launch; its peer is not waited for
