@@ -7,17 +7,18 @@ runs against its own transformers/accelerate.
 
 `reference` is the smallest patch set we know that makes the stock stack
 (transformers 5.23+, accelerate 1.10+) pass every check; docs/reference-loader.md
-walks through it for a fork maintainer. It is built from independent
-fixes, so `regressions.py` can re-create each historical bug as "the
-reference, except this one thing", and each shows only its own symptom:
+walks through it for a fork maintainer. It relies on T1, which is the
+installed transformers, and changes four things (T2, T3, A1, A2), each
+separately switchable so `regressions.py` can re-create each historical
+bug as "the reference, except this piece", showing only its own symptom:
 
   T1  ranks 1..N: parameters and persistent buffers stay as loaded (memory-mapped,
       no page touched); only non-persistent buffers get placeholders, which
       `_init_weights` recomputes. This is transformers 5.23+ as installed.
-  T3  the loading rank: non-persistent buffers start from the value the model's
+  T2  the loading rank: non-persistent buffers start from the value the model's
       `__init__` gives them instead of `torch.empty_like`, so one `_init_weights`
       forgets is right on rank 0 (and in any plain load).
-  T4  every rank: a buffer tensor registered under several names is materialised
+  T3  every rank: a buffer tensor registered under several names is materialised
       once and set under every name (transformers and accelerate both dedupe
       buffers by identity and leave the other names on meta).
   A1  accelerate `fsdp2_load_full_state_dict`: a state-dict entry that is a plain
@@ -62,8 +63,8 @@ class Variant:
     # transformers `_initialize_missing_keys`, ranks 1..N: run `initialize_weights()` so `_init_weights`
     # recomputes the non-persistent buffers (installed behaviour)
     recompute_non_persistent: bool = True
-    init_values: bool = True  # T3
-    share_buffers: bool = True  # T4
+    init_values: bool = True  # T2
+    share_buffers: bool = True  # T3
     # A1: "broadcast" (reference) or "rank-local" (each rank keeps its own copy, no broadcast)
     persistent_buffers: str = "broadcast"
     broadcast_non_persistent: bool = True  # A2
@@ -111,7 +112,7 @@ def _non_loading_rank() -> bool:
     return modeling_utils.is_fsdp_enabled() and not modeling_utils.is_local_dist_rank_0()
 
 
-# --- transformers: PreTrainedModel._move_missing_keys_from_meta_to_device (T1, T3, T4) ---
+# --- transformers: PreTrainedModel._move_missing_keys_from_meta_to_device (T1, T2, T3) ---
 
 
 def _move_missing_keys(variant: Variant, installed):
@@ -122,16 +123,42 @@ def _move_missing_keys(variant: Variant, installed):
             return installed(self, missing_keys, device_map, device_mesh, hf_quantizer)
         shared = shared_buffer_names(self) if variant.share_buffers else []
         non_loading = _non_loading_rank() and hf_quantizer is None
+        _log_branch(self, non_loading)
         if non_loading and variant.non_rank0_branch is not None:
             variant.non_rank0_branch(self)  # a regression's era
         else:
             installed(self, missing_keys, device_map, device_mesh, hf_quantizer)  # T1 on ranks 1..N
-        for names in shared:  # T4
+        for names in shared:  # T3
             share_buffer(self, names)
-        if variant.init_values and not non_loading:  # T3
+        if variant.init_values and not non_loading:  # T2
             copy_init_values(self)
 
     return _move_missing_keys_from_meta_to_device
+
+
+BRANCH_LOG = "fsdp-load-checks loader:"
+
+
+def _log_branch(model, non_loading: bool) -> None:
+    """One line in the rank's log saying which transformers branch this load took.
+
+    A rank other than LOCAL_RANK 0 that did not take the non-loading-rank
+    branch is not exercising cpu_ram_efficient_loading at all (the env
+    flags were lost), and every verdict on it says nothing about the loader.
+    """
+    import os
+    import sys
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank in (None, "0"):
+        return
+    where = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if non_loading:
+        sys.stderr.write(f"{BRANCH_LOG} {where}: non-loading-rank branch (LOCAL_RANK {local_rank})\n")
+    else:
+        flags = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+        sys.stderr.write(f"{BRANCH_LOG} {where}: loading-rank branch on LOCAL_RANK {local_rank}, env {flags}\n")
+    sys.stderr.flush()
 
 
 def shared_buffer_names(model) -> list[list[str]]:
@@ -184,7 +211,7 @@ def non_persistent_names(model) -> set[str]:
 
 
 def copy_init_values(model) -> None:
-    """T3: fill the loading rank's non-persistent placeholders with their `__init__` values.
+    """T2: fill the loading rank's non-persistent placeholders with their `__init__` values.
 
     In place, before `_init_weights` runs: buffers it knows it still
     recomputes; one it forgets keeps its `__init__` value instead of
@@ -304,7 +331,7 @@ def _load_full_state_dict(variant: Variant):
     return fsdp2_load_full_state_dict
 
 
-# --- accelerate: fsdp2_prepare_model (A2, T4) ---
+# --- accelerate: fsdp2_prepare_model (A2, T3) ---
 
 
 def _prepare_model(variant: Variant, installed):
@@ -313,7 +340,7 @@ def _prepare_model(variant: Variant, installed):
 
         Upstream deep-copies each rank's non-persistent buffers (one name per
         tensor), moves the model to meta and re-registers those copies. A2:
-        every rank then takes rank 0's value instead. T4: a buffer shared by
+        every rank then takes rank 0's value instead. T3: a buffer shared by
         several modules goes back under every name (`model.to("meta")`
         splits the sharing, and only the first name was saved).
         """

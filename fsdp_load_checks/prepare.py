@@ -43,6 +43,9 @@ def fresh_plugin(device: torch.device):
         return FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False)
     plugin.cpu_ram_efficient_loading = True
+    # the plugin's __post_init__ exports FSDP_CPU_RAM_EFFICIENT_LOADING=False: left so, every later case
+    # in this launch would load plainly on every rank and the path under test would go unexercised
+    set_env_flags()
     return plugin
 
 

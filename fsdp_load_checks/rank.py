@@ -101,6 +101,23 @@ class Progress:
         os.replace(tmp, self.path)
 
 
+class HarnessError(RuntimeError):
+    """The rank is not exercising the path under test: a bug of the suite, never a verdict on the loader."""
+
+
+def assert_path_under_test() -> None:
+    """transformers must see FSDP + cpu_ram_efficient_loading, or every check passes vacuously.
+
+    accelerate's plugin rewrites the env flags as a side effect (see prepare.fresh_plugin); this
+    catches that, and anything like it, on every case, on every rank.
+    """
+    from transformers.modeling_utils import is_fsdp_enabled
+
+    if not is_fsdp_enabled():
+        flags = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+        raise HarnessError(f"transformers does not see FSDP cpu_ram_efficient_loading enabled ({flags}): harness bug")
+
+
 def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress: Progress):
     import torch
     from transformers import AutoModelForCausalLM
@@ -126,6 +143,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress: Pr
                 phase = "from_pretrained"
                 progress(phase, task.case, task.fault)
                 memory.phase(phase)
+                assert_path_under_test()
                 torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
                 with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
                     model = AutoModelForCausalLM.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))

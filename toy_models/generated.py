@@ -228,24 +228,28 @@ def initial_value(name: str, spec: dict) -> torch.Tensor:
 
 
 def mixing(name: str, numel: int, hidden: int) -> torch.Tensor:
-    """A fixed (numel, hidden) float32 matrix keyed by the tensor's name: how it enters the hidden state."""
+    """A fixed (numel, hidden) float32 matrix keyed by the tensor's name: how it enters the hidden state.
+
+    Entries lie in [0.5, 1.5] / sqrt(numel): positive, so a uniform error never cancels out; different
+    per element, so a permutation shows too.
+    """
     k = _key(name)
     j = torch.arange(numel, dtype=torch.float64)[:, None]
     h = torch.arange(hidden, dtype=torch.float64)[None, :]
-    m = torch.cos(j * (0.61 + (k % 89) / 97.0) + h * (1.37 + (k % 53) / 61.0) + (k % 31) / 7.0)
+    m = 1.0 + 0.5 * torch.cos(j * (0.61 + (k % 89) / 97.0) + h * (1.37 + (k % 53) / 61.0) + (k % 31) / 7.0)
     return (m / math.sqrt(numel)).to(torch.float32)
 
 
-def contribution(name: str, tensor: torch.Tensor, hidden: int, scale: float) -> torch.Tensor:
-    flat = tensor.reshape(-1).float() / scale
+def contribution(name: str, tensor: torch.Tensor, hidden: int, center: float, scale: float) -> torch.Tensor:
+    flat = (tensor.reshape(-1).float() - center) / scale
     return flat @ mixing(name, flat.numel(), hidden).to(flat.device)
 
 
-def value_scale(spec: dict) -> float:
-    """Typical magnitude of a tensor's values, so every tensor moves the logits about as much."""
+def value_stats(spec: dict) -> tuple[float, float]:
+    """(typical value, typical spread) of a tensor, so every tensor moves the logits about as much."""
     if spec["kind"] == "param":
-        return PARAM_STD
-    return {"float32": 0.5, "int64": 4.0, "bool": 0.5}[spec["dtype"]]
+        return 0.0, PARAM_STD
+    return {"float32": (0.5, 0.25), "int64": (4.0, 2.0), "bool": (0.5, 0.5)}[spec["dtype"]]
 
 
 # ---------------------------------------------------------------- the model
@@ -302,7 +306,7 @@ def _mix_in(module: nn.Module, h: torch.Tensor, layout: dict) -> torch.Tensor:
     path = module._gen_path
     for local, spec in _own_names(path, layout):
         full = f"{path}.{local}" if path else local
-        h = h + contribution(full, getattr(module, local), h.shape[-1], value_scale(spec))
+        h = h + contribution(full, getattr(module, local), h.shape[-1], *value_stats(spec))
     return h
 
 
@@ -421,6 +425,224 @@ AutoConfig.register(MODEL_TYPE, GeneratedConfig, exist_ok=True)
 AutoModelForCausalLM.register(GeneratedConfig, GeneratedForCausalLM, exist_ok=True)
 
 
+# ---------------------------------------------------------------- the strategy
+
+MAX_DIM = 7  # shape dims 1..MAX_DIM: odd ones shard unevenly over 2 ranks, 1 leaves a rank an empty shard
+
+
+def layouts(rare: float = 0.3):
+    """Hypothesis strategy for a layout (hypothesis is imported only here: ranks never need it).
+
+    `rare` is the chance a layout uses each feature that breaks the stock stack (persistent
+    buffers, forgotten buffers, a shared buffer, tensors on the root module), so a batch keeps
+    plenty of layouts the stock stack must load cleanly. Every choice shrinks towards the plain
+    case: fewer modules and tensors, parameters before buffers, float32, 1-element dims.
+    Parameters are never 0-dim: FSDP2's fully_shard refuses scalar parameters outright.
+    Shared buffers are non-persistent: save_pretrained refuses a shared persistent buffer.
+    """
+    from hypothesis import strategies as st
+
+    # shrinks to False (the first element); True about `rare` of the time
+    chance = st.sampled_from([False] * round(10 * (1 - rare)) + [True] * round(10 * rare))
+
+    @st.composite
+    def draw_layout(draw):
+        allow = {f: draw(chance) for f in ("persistent", "forgotten", "shared", "root")}
+        layout = {
+            "dtype": draw(st.sampled_from(["float32", "bfloat16"])),
+            "vocab_size": draw(st.integers(1, 9)),
+            "hidden_size": draw(st.integers(1, 5)),
+            "tie_embeddings": draw(st.booleans()),
+            "modules": {},
+            "ties": [],
+            "shared": [],
+            "drop_keys": [],
+        }
+        counters = {"m": 0, "t": 0}
+
+        def tensor():
+            i = counters["t"]
+            counters["t"] += 1
+            if draw(st.sampled_from(["param", "buffer"])) == "param":
+                shape = draw(st.lists(st.integers(1, MAX_DIM), min_size=1, max_size=3))
+                return {"name": f"p{i}_weight", "kind": "param", "shape": shape}
+            shape = draw(st.lists(st.integers(1, MAX_DIM), min_size=0, max_size=3))
+            persistent = draw(st.sampled_from([False, True])) if allow["persistent"] else False
+            forgotten = not persistent and allow["forgotten"] and draw(st.sampled_from([False, True]))
+            return {
+                "name": f"b{i}",
+                "kind": "buffer",
+                "shape": shape,
+                "dtype": draw(st.sampled_from(BUFFER_DTYPES)),
+                "persistent": persistent,
+                "init": "forgotten" if forgotten else "recomputed",
+            }
+
+        def tensors(n_max):
+            return [tensor() for _ in range(draw(st.integers(0, n_max)))]
+
+        def grow(parent, depth):
+            path = f"{parent}.m{counters['m']}"
+            counters["m"] += 1
+            layout["modules"][path] = tensors(3)
+            if depth < 3:
+                for _ in range(draw(st.integers(0, 2 if depth == 1 else 1))):
+                    grow(path, depth + 1)
+
+        if allow["root"]:
+            for path in ("", "model"):
+                own = tensors(2)
+                if own:
+                    layout["modules"][path] = own
+        for _ in range(draw(st.integers(1, 3))):
+            grow("model", 1)
+
+        specs = tensor_specs(layout)
+        order = module_order(layout)
+        params = [n for n, s in specs.items() if s["kind"] == "param"]
+        if params:
+            for i in range(draw(st.integers(0, 2))):
+                source = draw(st.sampled_from(params))
+                where = draw(st.sampled_from([p for p in order if p in layout["modules"] or p == "model"]))
+                layout["modules"].setdefault(where, [])
+                layout["ties"].append({"source": source, "target": f"{where}.t{i}_weight" if where else f"t{i}_weight"})
+        non_persistent = [n for n, s in specs.items() if s["kind"] == "buffer" and not s["persistent"]]
+        if allow["shared"] and non_persistent:
+            source = draw(st.sampled_from(non_persistent))
+            later = [p for p in order[order.index(source.rpartition(".")[0]) + 1 :]]
+            if later:
+                where = draw(st.sampled_from(later))
+                layout["modules"].setdefault(where, [])
+                layout["shared"].append({"source": source, "alias": f"{where}.s0"})
+        droppable = droppable_keys(layout)
+        if droppable:
+            layout["drop_keys"] = draw(st.lists(st.sampled_from(droppable), max_size=2, unique=True))
+        # modules created only to hold a tie target or an alias keep an empty list: drop empty root entries
+        for path in ("", "model"):
+            if path in layout["modules"] and not layout["modules"][path] and not _holds_extra(layout, path):
+                del layout["modules"][path]
+        validate(layout)
+        return layout
+
+    return draw_layout()
+
+
+def _holds_extra(layout: dict, path: str) -> bool:
+    return any(t["target"].rpartition(".")[0] == path for t in layout["ties"]) or any(
+        a["alias"].rpartition(".")[0] == path for a in layout["shared"]
+    )
+
+
+# ---------------------------------------------------------------- smaller layouts
+
+
+def renumber(layout: dict) -> dict:
+    """The layout with modules, tensors, tie targets and aliases numbered in creation order, as the
+    strategy names them; so a layout simplified by hand or by `simplifications` gets the name
+    hypothesis would give the same draw."""
+    old_order = [p for p in module_order(layout) if p in layout["modules"] or p == "model"]
+    paths: dict[str, str] = {"": "", "model": "model"}
+    m = 0
+    for path in old_order:
+        if path in ("", "model"):
+            continue
+        parent = path.rpartition(".")[0]
+        paths[path] = f"{paths[parent]}.m{m}"
+        m += 1
+    names: dict[str, str] = {}
+    modules: dict[str, list] = {}
+    t = 0
+    for path in old_order:
+        if path not in layout["modules"]:
+            continue
+        new_path = paths[path]
+        modules[new_path] = []
+        for spec in layout["modules"][path]:
+            local = f"p{t}_weight" if spec["kind"] == "param" else f"b{t}"
+            t += 1
+            old_full = f"{path}.{spec['name']}" if path else spec["name"]
+            names[old_full] = f"{new_path}.{local}" if new_path else local
+            modules[new_path].append({**spec, "name": local})
+
+    def moved(full: str, local: str) -> str:
+        path = full.rpartition(".")[0]
+        return f"{paths[path]}.{local}" if paths[path] else local
+
+    return {
+        **layout,
+        "modules": modules,
+        "ties": [
+            {"source": names[tie["source"]], "target": moved(tie["target"], f"t{i}_weight")}
+            for i, tie in enumerate(layout["ties"])
+        ],
+        "shared": [{"source": names[a["source"]], "alias": moved(a["alias"], "s0")} for a in layout["shared"]],
+        "drop_keys": [names.get(k, k) for k in layout["drop_keys"]],
+    }
+
+
+def _without(layout: dict, gone_tensors: set[str], gone_modules: set[str] = frozenset()) -> dict:
+    """Drop tensors/modules and everything that refers to them (ties, aliases, dropped keys)."""
+    out = json.loads(json.dumps(layout))
+    for path in gone_modules:
+        out["modules"].pop(path, None)
+    for path, ts in list(out["modules"].items()):
+        out["modules"][path] = [t for t in ts if (f"{path}.{t['name']}" if path else t["name"]) not in gone_tensors]
+    alive = lambda full: full.rpartition(".")[0] not in gone_modules and full not in gone_tensors  # noqa: E731
+    out["ties"] = [t for t in out["ties"] if alive(t["source"]) and alive(t["target"])]
+    out["shared"] = [a for a in out["shared"] if alive(a["source"]) and alive(a["alias"])]
+    out["drop_keys"] = [k for k in out["drop_keys"] if alive(k)]
+    for path in ("", "model"):
+        if path in out["modules"] and not out["modules"][path] and not _holds_extra(out, path):
+            del out["modules"][path]
+    return out
+
+
+def simplifications(layout: dict) -> list[dict]:
+    """Valid layouts one step simpler than this one, boldest first: what a shrinker tries next.
+
+    Used to prefetch shrink candidates in one launch; hypothesis still decides what is smaller.
+    """
+    out: list[dict] = []
+    tree = [p for p in layout["modules"] if p.startswith("model.")]
+    for path in tree:  # a whole subtree
+        gone = {p for p in layout["modules"] if p == path or p.startswith(path + ".")}
+        out.append(_without(layout, set(), gone))
+    for full in tensor_specs(layout):
+        out.append(_without(layout, {full}))
+    for key in ("ties", "shared", "drop_keys"):
+        for i in range(len(layout[key])):
+            out.append({**layout, key: layout[key][:i] + layout[key][i + 1 :]})
+    for key, simple in (("dtype", "float32"), ("tie_embeddings", False), ("vocab_size", 1), ("hidden_size", 1)):
+        if layout[key] != simple:
+            out.append({**layout, key: simple})
+    for path, ts in layout["modules"].items():
+        for i, spec in enumerate(ts):
+            simpler = []
+            if spec["shape"] != ([1] if spec["kind"] == "param" else []):
+                simpler.append({**spec, "shape": [1] if spec["kind"] == "param" else []})
+            if spec["kind"] == "buffer":
+                if spec["persistent"]:
+                    simpler.append({**spec, "persistent": False})
+                if spec["init"] == "forgotten":
+                    simpler.append({**spec, "init": "recomputed"})
+                if spec["dtype"] != "float32":
+                    simpler.append({**spec, "dtype": "float32"})
+            for new in simpler:
+                modules = {**layout["modules"], path: ts[:i] + [new] + ts[i + 1 :]}
+                out.append({**layout, "modules": modules})
+    valid, seen = [], {layout_name(layout)}
+    for candidate in out:
+        try:
+            candidate = renumber(candidate)
+            validate(candidate)
+        except (ValueError, KeyError):
+            continue
+        if layout_name(candidate) not in seen:
+            seen.add(layout_name(candidate))
+            valid.append(candidate)
+    return valid
+
+
 # ---------------------------------------------------------------- cases
 
 
@@ -470,6 +692,76 @@ def layout_case(layout: dict) -> Case:
         drop_keys=tuple(layout["drop_keys"]),
         tags=frozenset(tags),
     )
+
+
+def _alternatives(names) -> str:
+    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def stock_issues(layout: dict) -> list:
+    """Known upstream issues of the stock stack that this layout must show, as registry entries for it alone.
+
+    The shared registry (fsdp_load_checks.known_issues) selects the zoo's toy cases by name and
+    matches their tensor names; these entries are the same upstream bugs selected by what the
+    layout holds and matched on exactly the tensors it affects, so a wrong tensor the bug does not
+    explain still fails. accelerate-3898 (persistent buffers) needs no entry here: it selects by
+    the persistent-buffer tag, which `layout_case` sets. Strict like the registry: an entry whose
+    case passes fails, so each is added only where its bug is certain to show.
+    """
+    from fsdp_load_checks import known_issues as ki
+
+    by_key = {k.key: k for k in ki.KNOWN_ISSUES}
+    name = layout_name(layout)
+    selects = lambda case: case.name == name  # noqa: E731
+    specs = tensor_specs(layout)
+    out = []
+    forgotten = [n for n, s in specs.items() if s["kind"] == "buffer" and s["init"] == "forgotten"]
+    # aliases are the same tensor under another name: forgotten with their source
+    forgotten += [a["alias"] for a in layout["shared"] if a["source"] in forgotten]
+    if forgotten:
+        # the loading rank's copy is uninitialised (NaN / max int / True under poisoning), never the
+        # __init__ value (initial_value avoids all of those)
+        base = by_key["uninitialised-non-persistent-buffer"]
+        names = _alternatives(forgotten)
+        floats = _alternatives(n for n in forgotten if specs.get(n, {}).get("dtype") == "float32")
+        symptoms = {
+            "buffers": rf"^\S+: rank \d+ non-persistent buffer {names} ",
+            "forward": r"^\S+: rank \d+ logits differ from the single-process load",
+        }
+        if any(specs[n]["dtype"] == "float32" for n in forgotten if n in specs):
+            symptoms["no-nan"] = rf"^\S+: rank \d+ (non-persistent buffer {floats} has \d+ NaN|logits have \d+ NaN)"
+        out.append(ki.KnownIssue(base.key, base.url, base.title, base.package, base.affected, selects, symptoms))
+    if layout["shared"]:
+        base = by_key["shared-non-persistent-buffer-left-on-meta"]
+        out.append(ki.KnownIssue(base.key, base.url, base.title, base.package, base.affected, selects, base.symptoms))
+    root = [
+        n
+        for n, s in specs.items()
+        if "." not in n and s["kind"] == "buffer" and not s["persistent"] and s["init"] == "recomputed"
+        and bool(initial_value(n, s).any())  # a zeros placeholder would pass for an all-zero value
+    ]
+    if root:
+        out.append(
+            ki.KnownIssue(
+                ROOT_BUFFER_ISSUE,
+                "https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/modeling_utils.py#L4910",
+                "_initialize_missing_keys marks the model itself _is_hf_initialized on ranks 1..N, so _initialize_weights "
+                "skips the root module and a non-persistent buffer registered directly on it keeps its zeros placeholder "
+                "even when _init_weights recomputes it; fsdp2_prepare_model keeps each rank's own copy (found by the "
+                "generated layouts, not yet reported)",
+                "transformers",
+                ">=5.0.0",
+                selects,
+                {
+                    "buffers": rf"^\S+: rank [1-9]\d* non-persistent buffer {_alternatives(root)} differs from rank 0's",
+                    "forward": r"^\S+: rank [1-9]\d* logits differ from the single-process load",
+                },
+            )
+        )
+    return out
+
+
+ROOT_BUFFER_ISSUE = "root-non-persistent-buffer-not-recomputed"
 
 
 def read_layouts(path: str) -> list[dict]:

@@ -1,0 +1,147 @@
+"""Every check can fail: the historical regressions, re-created as loaders, are each caught by their checks,
+and the reference fix passes every check on every toy case. Real torchrun ranks, real gloo process groups,
+one launch per loader over the fewest toy cases that show its bug (fsdp_load_checks/regressions.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fsdp_load_checks import cases, regressions
+from fsdp_load_checks.checks import CHECKS
+from fsdp_load_checks.loaders import BRANCH_LOG
+
+REGRESSION_NAMES = [r.name for r in regressions.REGRESSIONS]
+CRASH = r"deepseek-router-bias: rank 1 raised NotImplementedError: Cannot copy out of meta tensor; no data! \(during fsdp2_prepare\)"
+
+# loader -> check -> patterns that must each match a problem line of that check; the checks not listed must pass
+EXPECTED: dict[str, dict[str, list[str]]] = {
+    "empty-like-era": {
+        "no-nan": [
+            r"^forgotten-buffer: rank 1 non-persistent buffer model\.layers\.0\.attn\.alibi_slopes has 4 NaN and 0 Inf of 4$",
+            r"^forgotten-buffer: rank 1 logits have \d+ NaN",
+        ],
+        "buffers": [
+            r"^forgotten-buffer: rank 1 non-persistent buffer model\.layers\.1\.attn\.alibi_slopes differs from rank 0's: "
+            r"4/4 elements differ, max \|diff\| at \[0\]: nan vs 0\.84"
+        ],
+        "forward": [r"^forgotten-buffer: rank 1 logits differ from the single-process load beyond rtol="],
+    },
+    "zeros-like-era": {
+        "memory": [
+            r"^big-llama: rank 1 committed [\d.]+ MiB \((0\.[5-9]\d|1\.\d\d)x the [\d.]+ MiB model\) during from_pretrained; "
+            r"a rank that only receives rank 0's weights may commit at most"
+        ],
+    },
+    "persistent-buffers-on-meta": dict.fromkeys(CHECKS, [CRASH]),
+    "rank-local-persistent-buffers": {
+        "buffers": [
+            r"^deepseek-router-bias: rank 1 persistent buffer model\.layers\.0\.router\.e_score_correction_bias "
+            r"differs from rank 0's: 4/4 elements differ, max \|diff\| at \[\d\]: 0 vs 0\.\d+$"
+        ],
+        "forward": [r"^deepseek-router-bias: rank 1 logits differ from the single-process load beyond rtol="],
+    },
+    "non-persistent-not-recomputed": {
+        "buffers": [
+            r"^llama-rope: rank 1 non-persistent buffer model\.rotary_emb\.inv_freq differs from rank 0's: "
+            r"4/4 elements differ, max \|diff\| at \[0\]: 0 vs 1$",
+            r"^llama-rope: rank 1 non-persistent buffer model\.rotary_emb\.original_inv_freq differs from rank 0's",
+        ],
+        "forward": [r"^llama-rope: rank 1 logits differ from the single-process load beyond rtol="],
+    },
+    "non-persistent-cast-to-model-dtype": {
+        "buffers": [
+            r"^fp32-rope-in-bf16: rank 1 non-persistent buffer model\.rotary_emb\.inv_freq has dtype bfloat16, "
+            r"rank 0's has float32$",
+            r"^fp32-rope-in-bf16: rank 1 non-persistent buffer model\.rotary_emb\.cos_sin has dtype bfloat16, "
+            r"rank 0's has float32$",
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """loader -> {case: CaseResult}, each loader launched once, on first use; one root, so checkpoints
+    and single-process references are built once for the module."""
+    root = tmp_path_factory.mktemp("detection")
+    done: dict[str, dict] = {}
+
+    def get(loader: str) -> dict:
+        if loader not in done:
+            done[loader] = regressions.run_detection(root, loader)
+        return done[loader]
+
+    return get
+
+
+def test_every_regression_has_expectations_and_cases():
+    assert sorted(EXPECTED) == sorted(REGRESSION_NAMES)
+    catalogue = cases.all_cases()
+    for r in regressions.REGRESSIONS:
+        assert r.cases and all(c in catalogue for c in r.cases), r.name
+        assert r.summary and "\n" not in r.summary, r.name
+
+
+def test_reference_passes_every_check_on_every_toy_case(runs):
+    from toy_models.zoo import TOY_CASES
+
+    results = runs(regressions.REFERENCE_LOADER)
+    assert sorted(results) == sorted(c.name for c in TOY_CASES)
+    problems = [p for result in results.values() for v in result.verdicts.values() for p in v.problems]
+    assert problems == []
+    for case in TOY_CASES:
+        if cases.BIG in case.tags:  # the memory check really judged the size class, not skipped it
+            assert results[case.name].verdicts["memory"].skipped == "", case.name
+
+
+@pytest.mark.parametrize("loader", REGRESSION_NAMES)
+def test_regression_is_caught_by_its_checks_only(runs, loader):
+    results = runs(loader)
+    expected = EXPECTED[loader]
+    for check in CHECKS:
+        lines = [p for result in results.values() for p in result.verdicts[check].problems]
+        if check not in expected:
+            assert lines == [], f"{loader}: {check} should pass (not this regression's symptom)"
+            continue
+        for pattern in expected[check]:
+            assert any(re.search(pattern, line) for line in lines), f"{loader}/{check}: no line matches {pattern!r} in {lines}"
+        # the blame is on ranks 1..N, never on rank 0's values
+        blamed0 = [line for line in lines if re.search(r": rank 0 (?!was stopped after a peer failed)", line)]
+        assert blamed0 == [], blamed0
+
+
+@pytest.mark.parametrize("loader", [regressions.REFERENCE_LOADER, *REGRESSION_NAMES])
+def test_ranks_1_to_n_took_the_cpu_ram_efficient_loading_branch(runs, loader):
+    """A verdict only says something about a loader if rank 1 really went through transformers'
+    non-loading-rank branch; the loader logs which branch each from_pretrained took."""
+    results = runs(loader)
+    wrong = []
+    for case, result in results.items():
+        log = Path(result.run.launch_dir) / "rank1.log"
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(BRANCH_LOG)]
+        mine = [line for line in lines if f"/{case}:" in line]
+        if not any("non-loading-rank branch" in line for line in mine):
+            wrong.append(f"{case}: {mine[-1].split(': ', 2)[-1] if mine else 'no branch logged'}")
+    assert wrong == [], (
+        f"{loader}: rank 1 did not take the cpu_ram_efficient_loading branch for {len(wrong)} of {len(results)} cases, "
+        "so their verdicts test nothing. If the env shows FSDP_CPU_RAM_EFFICIENT_LOADING='False': accelerate's "
+        "FullyShardedDataParallelPlugin.__post_init__ exports it from the constructor argument, which "
+        "prepare.fresh_plugin passes as False on CPU; it must set the flag back (set_env_flags()) after building "
+        "the plugin.\n" + "\n".join(wrong)
+    )
+
+
+def test_detection_matrix(runs):
+    matrix = regressions.detection_matrix({loader: runs(loader) for loader in regressions.detection_plan()})
+    print("\n\nDetection matrix (loader x check: the cases on which the check fails)\n")
+    print(regressions.detection_matrix_markdown(matrix))
+    assert not any(matrix[regressions.REFERENCE_LOADER].values())
+    caught = {loader: {check for check, where in row.items() if where} for loader, row in matrix.items()}
+    assert {loader: sorted(checks) for loader, checks in caught.items() if loader != regressions.REFERENCE_LOADER} == {
+        loader: sorted(checks) for loader, checks in EXPECTED.items()
+    }
+    uncaught = [check for check in CHECKS if not any(check in checks for checks in caught.values())]
+    assert uncaught == [], f"no regression makes these checks fail: {uncaught}"
