@@ -46,7 +46,7 @@ SLOW_ENV = "FSDP_LOAD_CHECKS_SLOW"
 SEED = int(os.environ.get(SEED_ENV, "2"))
 EXAMPLES = int(os.environ.get(EXAMPLES_ENV, "40"))  # draws; duplicates launch once (~30 distinct layouts)
 SHRINK_LAUNCHES = int(os.environ.get(SHRINK_ENV, "12"))
-PREFETCH = 24  # a shrink launch also runs this many one-step simplifications of its layout (likely next candidates)
+PREFETCH = 32  # a shrink launch also runs this many one-step simplifications of its layout (likely next candidates)
 CASE_TIMEOUT = 60.0
 
 OK_STOCK = frozenset({"passed", "xfailed", "skipped"})  # known upstream bugs are expected on the installed stack

@@ -32,3 +32,14 @@ def test_every_rank_ends_equal_to_global_rank_0_and_a_plain_load(two_nodes, case
     result = two_nodes[case]
     bad = {name: v.problems for name, v in result.verdicts.items() if not v.passed}
     assert bad == {}
+
+
+def test_memory_is_judged_per_node_each_local_rank_0_may_load(tmp_path_factory):
+    """The OOM regression on 2 nodes: the ranks that only receive commit the model; each node's loader may."""
+    cfg = launch.LaunchConfig(nproc=2, nnodes=2, loader="zeros-like-era", case_timeout_s=300)
+    result = runner.run_batch(tmp_path_factory.mktemp("two-nodes-big"), cases.select(["big-llama"]), cfg)["big-llama"]
+    problems = result.verdicts["memory"].problems
+    flagged = sorted(int(p.split("rank ")[1].split()[0]) for p in problems)
+    assert flagged == [1, 3], problems  # LOCAL_RANK 1 on each node; global rank 2 is node 1's loading rank
+    assert all("a rank that only receives rank 0's weights may commit at most 0.1x" in p for p in problems)
+    assert result.verdicts["buffers"].passed and result.verdicts["forward"].passed

@@ -612,9 +612,14 @@ def simplifications(layout: dict) -> list[dict]:
     for key in ("ties", "shared", "drop_keys"):
         for i in range(len(layout[key])):
             out.append({**layout, key: layout[key][:i] + layout[key][i + 1 :]})
-    for key, simple in (("dtype", "float32"), ("tie_embeddings", False), ("vocab_size", 1), ("hidden_size", 1)):
+    for key, simple in (("dtype", "float32"), ("tie_embeddings", False)):
         if layout[key] != simple:
             out.append({**layout, key: simple})
+    # every smaller size (hypothesis walks integers down), both at their smallest first
+    if layout["vocab_size"] > 1 and layout["hidden_size"] > 1:
+        out.append({**layout, "vocab_size": 1, "hidden_size": 1})
+    for key in ("hidden_size", "vocab_size"):
+        out += [{**layout, key: n} for n in range(1, layout[key])]
     for path, ts in layout["modules"].items():
         for i, spec in enumerate(ts):
             simpler = []
