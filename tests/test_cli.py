@@ -55,7 +55,7 @@ BAD_INPUT = [
     (["--nproc", "-3"], "--nproc must be at least 1, got -3"),
     (["--nproc", "two"], "--nproc must be a positive integer, got 'two'"),
     (["--nproc", "100000"], "far more ranks than this machine"),
-    (["--loader", "bogus"], "unknown loader 'bogus'; choose one of: stock"),
+    (["--loader", "bogus"], "unknown loader 'bogus'; choose one of: stock, reference"),
     (["--backend", "nccl", "--nproc", "2"], "--fsdp-backend nccl needs one GPU per rank"),
     (["--cases", "no-such-case"], "matches no case"),
     (["--timeout", "0"], "--timeout must be positive"),
@@ -105,3 +105,11 @@ def test_a_known_upstream_issue_is_expected_not_failed(tmp_path):
     status = json.loads(js.read_text())["cases"][0]["status"]
     assert status["buffers"] == "xfailed", status  # accelerate-3898 on the stock stack
     assert "known upstream issue" in proc.stdout
+
+
+def test_a_failed_check_exits_1_and_names_rank_and_tensor(tmp_path):
+    proc = cli("zoo", "--cases", "llama-rope", "--loader", "non-persistent-not-recomputed")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    flat = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "FAIL llama-rope/buffers: llama-rope: rank 1 non-persistent buffer" in flat
+    assert "inv_freq differs from rank 0's" in flat
