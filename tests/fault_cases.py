@@ -17,5 +17,6 @@ CASES = [
     faulty("fault-none-middle", None),
     faulty("fault-exit", "exit@observe:1"),
     faulty("fault-hang", "hang@observe:1"),
+    faulty("fault-abort", "abort@forward:0"),
     faulty("fault-none-after", None),
 ]
