@@ -100,7 +100,10 @@ class Suite:
         return self.result(case).outcomes(catalogue.all_cases()[case], self.cfg.loader)[check]
 
     def expect(self, case: str, check: str) -> None:
-        outcome = self.outcome(case, check)
+        try:
+            outcome = self.outcome(case, check)
+        except runner.SetupError as exc:
+            pytest.fail(f"{case}: {exc}", pytrace=False)
         if outcome.status == "xfailed":
             pytest.xfail(outcome.message)
         if outcome.status == "skipped":

@@ -80,10 +80,17 @@ def run_batch_once(root: Path, key: str, cases: list[Case], cfg: launch.LaunchCo
     """`run_batch`, computed by whichever process gets here first and read back by the others."""
     store = root / "batches" / f"{key}.pt"
     store.parent.mkdir(parents=True, exist_ok=True)
+    error = store.with_suffix(".error")
     with FileLock(str(store) + ".lock"):
         if store.exists():
             return torch.load(store, weights_only=False)
-        results = run_batch(root, cases, cfg)
+        if error.exists():  # every item of a broken batch gets the one error, not one rebuild each
+            raise SetupError(error.read_text())
+        try:
+            results = run_batch(root, cases, cfg)
+        except SetupError as exc:
+            error.write_text(str(exc))
+            raise
         tmp = store.with_suffix(".tmp")
         torch.save(results, tmp)
         tmp.replace(store)
