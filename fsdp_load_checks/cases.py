@@ -92,7 +92,8 @@ def all_cases() -> dict[str, Case]:
 
 
 def select(names: list[str] | None = None, pattern: str | None = None) -> list[Case]:
-    """Cases by exact names, or by a substring/glob filter, in catalogue order."""
+    """Cases by exact names, or by names/globs (`arch-*`), in catalogue order; no substring match, so
+    `arch-deepseek-v3` never also selects `arch-deepseek-v32`."""
     import fnmatch
 
     catalogue = all_cases()
@@ -103,5 +104,5 @@ def select(names: list[str] | None = None, pattern: str | None = None) -> list[C
         return [catalogue[n] for n in names]
     if pattern:
         globs = [p.strip() for p in pattern.split(",") if p.strip()]
-        return [c for c in catalogue.values() if any(fnmatch.fnmatch(c.name, g) or g in c.name for g in globs)]
+        return [c for c in catalogue.values() if any(fnmatch.fnmatchcase(c.name, g) for g in globs)]
     return list(catalogue.values())
