@@ -3,12 +3,16 @@
 A fixed-seed batch of hypothesis-drawn layouts goes through ONE `runner.run_batch`
 per loader (2 ranks); a hypothesis property then walks the very same draws and
 reads each layout's verdicts from that batch. Only when a layout fails does
-anything else launch: hypothesis shrinks it, and each candidate it tries that
-no launch has run yet is launched (with up to PREFETCH one-step simplifications
-of it, the likely next candidates, in the same launch; at most
-$FSDP_LOAD_CHECKS_GENERATED_SHRINK_LAUNCHES launches, after which untried
-candidates count as not failing). The failure names the seed, the shrunk
-layout and how to replay it.
+anything else launch: hypothesis shrinks it. A launch costs ~10-20 s here, so
+shrinking runs in rounds: hypothesis replays the whole search from the seed,
+answering every candidate it has a verdict for; the candidates it has none for
+are taken as "not failing" for that round and noted, and the first
+SHRINK_BATCH of them (the very next candidates of the real shrink) run in one
+launch before the next round. A round that needs nothing new is exact:
+hypothesis's own shrink, every answer real. At most
+$FSDP_LOAD_CHECKS_GENERATED_SHRINK_LAUNCHES rounds launch; the failure names
+the seed, the shrunk layout (and whether shrinking finished) and how to
+replay it.
 
 Replay (docs/generated-layouts.md):
   FSDP_LOAD_CHECKS_GENERATED_REPLAY=path/to/layout.json  pytest tests/test_generated.py -k replay [--loader L]
@@ -21,6 +25,7 @@ FSDP_LOAD_CHECKS_SLOW=1 (the regression-loader hunt, minutes per loader).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -31,10 +36,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, note, reject, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 
-from fsdp_load_checks import cases, known_issues, launch, loaders, observe, runner  # noqa: E402
+from fsdp_load_checks import cases, checks, known_issues, launch, loaders, observe, runner  # noqa: E402
 from toy_models import generated  # noqa: E402
 
 SEED_ENV = "FSDP_LOAD_CHECKS_GENERATED_SEED"
@@ -43,10 +48,10 @@ SHRINK_ENV = "FSDP_LOAD_CHECKS_GENERATED_SHRINK_LAUNCHES"
 REPLAY_ENV = "FSDP_LOAD_CHECKS_GENERATED_REPLAY"
 SLOW_ENV = "FSDP_LOAD_CHECKS_SLOW"
 
-SEED = int(os.environ.get(SEED_ENV, "2"))
+SEED = int(os.environ.get(SEED_ENV, "1"))
 EXAMPLES = int(os.environ.get(EXAMPLES_ENV, "40"))  # draws; duplicates launch once (~30 distinct layouts)
-SHRINK_LAUNCHES = int(os.environ.get(SHRINK_ENV, "12"))
-PREFETCH = 32  # a shrink launch also runs this many one-step simplifications of its layout (likely next candidates)
+SHRINK_LAUNCHES = int(os.environ.get(SHRINK_ENV, "10"))  # launches (rounds) shrinking may spend, only on failure
+SHRINK_BATCH = 24  # candidates per shrink launch
 CASE_TIMEOUT = 60.0
 
 OK_STOCK = frozenset({"passed", "xfailed", "skipped"})  # known upstream bugs are expected on the installed stack
@@ -78,6 +83,7 @@ def drive(fn, seed: int = SEED, examples: int = EXAMPLES) -> None:
         phases=[Phase.generate, Phase.shrink],
         suppress_health_check=list(HealthCheck),
         print_blob=False,
+        report_multiple_bugs=False,
     )
     @hypothesis_seed(seed)
     @given(generated.layouts())
@@ -100,6 +106,31 @@ def unique(layouts: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- launching
 
 
+def meta_safe_notes(ref: observe.Observation) -> list[str]:
+    """checks.plain_load_notes, surviving a plain-load record with no value.
+
+    The plain load leaves a shared non-persistent buffer's second name on meta; its record has no
+    value, and checks.plain_load_notes (called whenever a buffers check fails) raises AttributeError
+    on it, which takes a whole batch's verdicts down. Until checks.py handles it, the note says so.
+    """
+    try:
+        return PLAIN_LOAD_NOTES(ref)
+    except AttributeError:
+        return [f"note: the single-process load itself leaves {n} on the meta device" for n in sorted(ref.init_mismatch)]
+
+
+PLAIN_LOAD_NOTES = checks.plain_load_notes
+
+
+def needs_poison(loader: str) -> bool:
+    """A regression whose garbage is only deterministic with --poison-uninitialized (regressions.py says which)."""
+    try:
+        from fsdp_load_checks import regressions
+    except ImportError:
+        return False
+    return any(r.name == loader and r.poison for r in getattr(regressions, "REGRESSIONS", ()))
+
+
 class Runs:
     """Verdicts per (loader, layout): one batch launch per loader, single launches only for new layouts."""
 
@@ -108,13 +139,15 @@ class Runs:
         self.file = root / "layouts.json"
         self.known: dict[str, dict] = {}
         self.results: dict[str, dict[str, runner.CaseResult]] = {}
-        self.single_launches: Counter = Counter()
+        self.pending: dict[str, dict[str, dict]] = {}  # loader -> layouts a round asked about and no launch has run
+        self.shrink_launches: Counter = Counter()
         self.failures: dict[str, Path] = {}  # loader -> the last failing layout's JSON (hypothesis ends on the shrunk one)
         modules = [m for m in os.environ.get(cases.EXTRA_MODULES_ENV, "").split(",") if m.strip()]
         if generated.__name__ not in modules:
             modules.append(generated.__name__)
         mp.setenv(cases.EXTRA_MODULES_ENV, ",".join(modules))
         mp.setenv(generated.LAYOUTS_ENV, str(self.file))
+        mp.setattr(checks, "plain_load_notes", meta_safe_notes)
 
     def _publish(self, layouts: list[dict]) -> list[cases.Case]:
         """Every layout launched so far stays in the file: the reference process looks cases up by name."""
@@ -124,7 +157,7 @@ class Runs:
         return [generated.layout_case(lay) for lay in layouts]
 
     def launch(self, loader: str, layouts: list[dict]) -> None:
-        cfg = launch.LaunchConfig(nproc=2, loader=loader, case_timeout_s=CASE_TIMEOUT)
+        cfg = launch.LaunchConfig(nproc=2, loader=loader, case_timeout_s=CASE_TIMEOUT, poison=needs_poison(loader))
         results = runner.run_batch(self.root, self._publish(layouts), cfg)
         self.results.setdefault(loader, {}).update(results)
 
@@ -136,15 +169,12 @@ class Runs:
         return time.monotonic() - start
 
     def result(self, loader: str, layout: dict) -> runner.CaseResult | None:
-        name = generated.layout_name(layout)
-        if name not in self.results.get(loader, {}):
-            if self.single_launches[loader] >= SHRINK_LAUNCHES:
-                return None
-            self.single_launches[loader] += 1
-            done = self.results.get(loader, {})
-            ahead = [lay for lay in generated.simplifications(layout) if generated.layout_name(lay) not in done]
-            self.launch(loader, [layout, *ahead[:PREFETCH]])
-        return self.results[loader][name]
+        """The verdicts, or None (and the layout noted as pending) when no launch has run it."""
+        found = self.results.get(loader, {}).get(generated.layout_name(layout))
+        if found is None:
+            pending = self.pending.setdefault(loader, {})
+            pending.setdefault(generated.layout_name(layout), layout)
+        return found
 
     def save_failure(self, loader: str, layout: dict) -> Path:
         out = self.root / "failures" / loader / f"{generated.layout_name(layout)}.json"
@@ -206,8 +236,8 @@ def failure_report(layout: dict, bad: dict[str, known_issues.Outcome], loader: s
 def property_for(runs: Runs, loader: str, ok: frozenset[str]):
     def check(layout: dict) -> None:
         result = runs.result(loader, layout)
-        if result is None:  # shrink budget spent: this candidate stays unknown, the best so far stands
-            reject()
+        if result is None:  # not launched yet: "not failing" for this round, launched before the next
+            return
         got = outcomes(layout, result, loader)
         bad = {check: o for check, o in got.items() if o.status not in ok}
         if bad:
@@ -217,6 +247,31 @@ def property_for(runs: Runs, loader: str, ok: frozenset[str]):
             raise AssertionError(report)
 
     return check
+
+
+def find_and_shrink(runs: Runs, loader: str, ok: frozenset[str], launches: int = SHRINK_LAUNCHES) -> AssertionError | None:
+    """Hypothesis over the seed's layouts with `loader`; the shrunk failure, or None when every layout is fine."""
+    while True:
+        runs.pending[loader] = {}
+        try:
+            drive(property_for(runs, loader, ok))
+            error = None
+        except AssertionError as exc:
+            error = exc
+        todo = list(runs.pending[loader].values())
+        if not todo:  # every answer was real: this is hypothesis's own result
+            if error is not None:
+                error.args = (f"{error.args[0]}\n(shrunk by hypothesis in {runs.shrink_launches[loader]} extra launches)",)
+            return error
+        if runs.shrink_launches[loader] >= launches:
+            if error is not None:
+                error.args = (
+                    f"{error.args[0]}\n(shrinking stopped after {launches} extra launches, {len(todo)} candidates untried: "
+                    f"the layout may not be minimal; raise {SHRINK_ENV} to go on)",
+                )
+            return error
+        runs.shrink_launches[loader] += 1
+        runs.launch(loader, todo[:SHRINK_BATCH])
 
 
 def summary(runs: Runs, loader: str, layouts: list[dict]) -> Counter:
@@ -247,9 +302,11 @@ def check_batch(runs: Runs, loader: str, layouts: list[dict], ok: frozenset[str]
     print(f"\n{loader}: {len(unique(layouts))} layouts in one launch, {elapsed:.0f}s")
     for (check, status), n in sorted(summary(runs, loader, layouts).items()):
         print(f"  {check:<10} {status:<8} {n}")
-    drive(property_for(runs, loader, ok))
+    error = find_and_shrink(runs, loader, ok)
+    if error is not None:
+        raise error
     # the property saw exactly the batch's layouts: nothing launched on its own unless something failed
-    assert runs.single_launches[loader] == 0, "hypothesis drew layouts the batch did not have: drawing is not deterministic"
+    assert runs.shrink_launches[loader] == 0, "hypothesis drew layouts the batch did not have: drawing is not deterministic"
 
 
 # ---------------------------------------------------------------- the strategy, without launching
@@ -401,35 +458,39 @@ HUNTS = {
 }
 
 
-@pytest.fixture
-def meta_safe_notes(monkeypatch):
-    """checks.plain_load_notes assumes every plain-load record holds a value; a buffer the plain load
-    left on meta (a shared non-persistent buffer's second name) has none, and building the verdicts
-    raises AttributeError whenever that case's buffers check fails. Until checks.py handles it, the
-    note says so instead of taking the whole batch down."""
-    from fsdp_load_checks import checks
-
-    original = checks.plain_load_notes
-
-    def notes(ref):
-        try:
-            return original(ref)
-        except AttributeError:
-            return [f"note: the single-process load itself leaves {n} on the meta device" for n in sorted(ref.init_mismatch)]
-
-    monkeypatch.setattr(checks, "plain_load_notes", notes)
+def weight(layout: dict) -> tuple[int, int]:
+    """How big a layout is: (tensors + modules + ties + aliases + dropped keys, total elements)."""
+    specs = generated.tensor_specs(layout)
+    parts = len(specs) + len(layout["modules"]) + len(layout["ties"]) + len(layout["shared"]) + len(layout["drop_keys"])
+    return parts, sum(math.prod(s["shape"]) for s in specs.values()) + layout["vocab_size"] * layout["hidden_size"]
 
 
-@pytest.mark.skipif(not os.environ.get(SLOW_ENV), reason=f"slow (a batch and up to {SHRINK_LAUNCHES} shrink launches per loader): set {SLOW_ENV}=1")
+HUNT_LAUNCHES = int(os.environ.get(SHRINK_ENV, "30"))
+
+
+@pytest.mark.skipif(not os.environ.get(SLOW_ENV), reason=f"slow (a batch and up to {HUNT_LAUNCHES} shrink launches per loader): set {SLOW_ENV}=1")
 @pytest.mark.parametrize("loader", list(HUNTS))
-def test_hypothesis_finds_and_shrinks_a_regression(runs, drawn, loader, meta_safe_notes):
+def test_hypothesis_finds_and_shrinks_a_regression(runs, drawn, loader):
     if loader not in loaders.LOADERS:
         pytest.skip(f"no {loader} loader in fsdp_load_checks.loaders")
     runs.batch(loader, drawn)
-    with pytest.raises(AssertionError) as info:
-        drive(property_for(runs, loader, OK_STRICT))
+    first: list[dict] = []
+    original = runs.save_failure
+
+    def save(loader_, layout):
+        if not first:
+            first.append(layout)  # the first failure hypothesis met, before shrinking
+        return original(loader_, layout)
+
+    runs.save_failure = save
+    start = time.monotonic()
+    error = find_and_shrink(runs, loader, OK_STRICT, launches=HUNT_LAUNCHES)
+    assert error is not None, f"hypothesis found no layout that {loader} gets wrong (seed {SEED}, {EXAMPLES} examples)"
     shrunk = json.loads(runs.failures[loader].read_text())
-    print(f"\n{loader}: shrunk after {runs.single_launches[loader]} single launches to {generated.canonical(shrunk)}")
-    print(str(info.value).splitlines()[1])
+    print(
+        f"\n{loader}: first failing layout weight {weight(first[0])}, shrunk to weight {weight(shrunk)} with "
+        f"{runs.shrink_launches[loader]} extra launches in {time.monotonic() - start:.0f}s:\n{generated.canonical(shrunk)}"
+    )
+    print("\n".join(line for line in str(error).splitlines() if line.startswith("  [")))
     assert HUNTS[loader] in generated.features(shrunk)
-    assert sum(len(ts) for ts in shrunk["modules"].values()) <= 3, "hypothesis did not shrink the layout"
+    assert weight(shrunk) < weight(first[0]) or len(generated.tensor_specs(first[0])) <= 1, "hypothesis did not shrink"

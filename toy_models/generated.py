@@ -19,7 +19,7 @@ config.json alone rebuilds the model in any process.
            "persistent": false, "init": "recomputed" | "forgotten"}  # forgotten: non-persistent only
         ], ...},
       "ties": [{"source": "model.m0.p0_weight", "target": "model.m1.t0_weight"}],
-      "shared": [{"source": "model.m0.b1", "alias": "model.m1.s0"}],  # one tensor under two modules
+      "shared": [{"source": "model.m0.b1", "alias": "model.m1.s0"}],  # one non-persistent tensor, two modules
       "drop_keys": ["model.m0.p0_weight"]         # removed from the saved checkpoint
     }
 
@@ -62,7 +62,7 @@ GENERATED = "generated"
 FORGOTTEN_BUFFER = "forgotten-non-persistent-buffer"
 FORGOTTEN_FLOAT_BUFFER = "forgotten-float-non-persistent-buffer"
 SHARED_NON_PERSISTENT = "shared-non-persistent-buffer"
-SHARED_PERSISTENT = "shared-persistent-buffer"
+ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persistent buffer on the top-level model
 TIED = "tied-parameters"
 DROPPED = "dropped-keys"
 
@@ -139,7 +139,7 @@ def features(layout: dict) -> set[str]:
     if layout["ties"]:
         out.add("tie:params")
     for a in layout["shared"]:
-        out.add("shared:persistent" if specs[a["source"]]["persistent"] else "shared:non-persistent")
+        out.add("shared:non-persistent")
     if layout["drop_keys"]:
         out.add("drop")
     if "" in layout["modules"] or "model" in layout["modules"]:
@@ -682,8 +682,8 @@ def layout_case(layout: dict) -> Case:
         tags.add(FORGOTTEN_FLOAT_BUFFER)
     if "shared:non-persistent" in feats:
         tags.add(SHARED_NON_PERSISTENT)
-    if "shared:persistent" in feats:
-        tags.add(SHARED_PERSISTENT)
+    if _root_recomputed(layout):
+        tags.add(ROOT_NON_PERSISTENT)
     if layout["ties"] or layout["tie_embeddings"]:
         tags.add(TIED)
     if layout["drop_keys"]:
@@ -701,6 +701,16 @@ def layout_case(layout: dict) -> Case:
 
 def _alternatives(names) -> str:
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def _root_recomputed(layout: dict) -> list[str]:
+    """Recomputed non-persistent buffers on the top-level model whose value a zeros placeholder cannot fake."""
+    return [
+        n
+        for n, s in tensor_specs(layout).items()
+        if "." not in n and s["kind"] == "buffer" and not s["persistent"] and s["init"] == "recomputed"
+        and bool(initial_value(n, s).any())
+    ]
 
 
 def stock_issues(layout: dict) -> list:
@@ -739,12 +749,7 @@ def stock_issues(layout: dict) -> list:
     if layout["shared"]:
         base = by_key["shared-non-persistent-buffer-left-on-meta"]
         out.append(ki.KnownIssue(base.key, base.url, base.title, base.package, base.affected, selects, base.symptoms))
-    root = [
-        n
-        for n, s in specs.items()
-        if "." not in n and s["kind"] == "buffer" and not s["persistent"] and s["init"] == "recomputed"
-        and bool(initial_value(n, s).any())  # a zeros placeholder would pass for an all-zero value
-    ]
+    root = _root_recomputed(layout)
     if root:
         out.append(
             ki.KnownIssue(
