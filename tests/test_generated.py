@@ -448,13 +448,15 @@ def test_replay(runs, request):
 
 # ---------------------------------------------------------------- hypothesis against the regressions (slow)
 
-# regression loaders that must show on some generated layout, and what the shrunk layout must hold
+# regression loaders that must show on some generated layout, and what the shrunk layout may hold (any of)
 HUNTS = {
-    "empty-like-era": "buffer:forgotten",
-    "persistent-buffers-on-meta": "buffer:persistent",
-    "rank-local-persistent-buffers": "buffer:persistent",
-    "non-persistent-not-recomputed": "buffer:recomputed",
-    "non-persistent-cast-to-model-dtype": "dtype:bfloat16",
+    # garbage where ranks 1..N keep their own non-persistent buffers: a forgotten one, or one on the root module
+    # (transformers never recomputes those on ranks 1..N, and this regression drops the reference's broadcast)
+    "empty-like-era": ("buffer:forgotten", "root-tensors"),
+    "persistent-buffers-on-meta": ("buffer:persistent",),
+    "rank-local-persistent-buffers": ("buffer:persistent",),
+    "non-persistent-not-recomputed": ("buffer:recomputed",),
+    "non-persistent-cast-to-model-dtype": ("dtype:bfloat16",),
 }
 
 
@@ -492,5 +494,5 @@ def test_hypothesis_finds_and_shrinks_a_regression(runs, drawn, loader):
         f"{runs.shrink_launches[loader]} extra launches in {time.monotonic() - start:.0f}s:\n{generated.canonical(shrunk)}"
     )
     print("\n".join(line for line in str(error).splitlines() if line.startswith("  [")))
-    assert HUNTS[loader] in generated.features(shrunk)
+    assert set(HUNTS[loader]) & generated.features(shrunk), f"shrunk layout holds none of {HUNTS[loader]}"
     assert weight(shrunk) < weight(first[0]) or len(generated.tensor_specs(first[0])) <= 1, "hypothesis did not shrink"
