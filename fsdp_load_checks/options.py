@@ -8,13 +8,18 @@ from __future__ import annotations
 import os
 
 
-def parse_nproc(raw) -> int:
+def positive_int(raw, flag: str, hint: str = "") -> int:
     try:
         value = int(str(raw), 10)
     except ValueError:
-        raise ValueError(f"--nproc must be a positive integer, got {raw!r}: pass the ranks per node, e.g. --nproc 2") from None
+        raise ValueError(f"{flag} must be a positive integer, got {raw!r}{hint}") from None
     if value < 1:
-        raise ValueError(f"--nproc must be at least 1, got {value}: pass the ranks per node, e.g. --nproc 2")
+        raise ValueError(f"{flag} must be at least 1, got {value}{hint}")
+    return value
+
+
+def parse_nproc(raw) -> int:
+    value = positive_int(raw, "--nproc", ": pass the ranks per node, e.g. --nproc 2")
     cores = os.cpu_count() or 1
     if value > 64 * cores:
         raise ValueError(f"--nproc {value} is far more ranks than this machine's {cores} cores can run; use at most {8 * cores}")
@@ -22,13 +27,7 @@ def parse_nproc(raw) -> int:
 
 
 def parse_nnodes(raw) -> int:
-    try:
-        value = int(str(raw), 10)
-    except ValueError:
-        raise ValueError(f"--nnodes must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"--nnodes must be at least 1, got {value}")
-    return value
+    return positive_int(raw, "--nnodes")
 
 
 def gpu_count() -> int:
