@@ -130,12 +130,20 @@ def check_buffers(run: CaseRun, ref: Observation) -> list[str]:
     return _equal_everywhere(run, ref, (BUFFER, NON_PERSISTENT), skip_ref=set())
 
 
+def _note_difference(got: TensorRecord, want: TensorRecord) -> str:
+    if got.digest == "meta":
+        return "still on the meta device"
+    if got.value is None or want.value is None:
+        return "digests differ"
+    return describe_difference(got.value, want.value)
+
+
 def plain_load_notes(ref: Observation) -> list[str]:
     """What the single-process load itself got wrong: context for a buffers failure, not a rank's fault."""
     return [
         f"note: the single-process load itself leaves {rec.kind} {name} unlike the model's __init__ value "
         f"(transformers restores it only if _init_weights recomputes it; the check compares with __init__'s): "
-        f"{describe_difference(rec.value, ref.tensors[name].value)}"
+        f"{_note_difference(rec, ref.tensors[name])}"
         for name, rec in sorted(ref.init_mismatch.items())
     ]
 

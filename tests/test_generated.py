@@ -141,6 +141,7 @@ class Runs:
         self.results: dict[str, dict[str, runner.CaseResult]] = {}
         self.pending: dict[str, dict[str, dict]] = {}  # loader -> layouts a round asked about and no launch has run
         self.shrink_launches: Counter = Counter()
+        self.shrink_batch: dict[str, int] = {}  # loader -> candidates per shrink launch, when below SHRINK_BATCH
         self.failures: dict[str, Path] = {}  # loader -> the last failing layout's JSON (hypothesis ends on the shrunk one)
         modules = [m for m in os.environ.get(cases.EXTRA_MODULES_ENV, "").split(",") if m.strip()]
         if generated.__name__ not in modules:
@@ -213,19 +214,21 @@ def outcomes(layout: dict, result: runner.CaseResult, loader: str) -> dict[str, 
 
 
 def replay_hint(layout: dict, path: Path | None, loader: str) -> str:
-    name = generated.layout_name(layout)
     where = f"{REPLAY_ENV}={path}" if path else f"{REPLAY_ENV}='{generated.canonical(layout)}'"
     return (
         f"replay this layout alone: {where} pytest tests/test_generated.py -k replay --loader {loader} -p no:randomly\n"
-        f"(drawn layouts also replay by seed: {REPLAY_ENV}={SEED}:{name}; the batch: {SEED_ENV}={SEED} {EXAMPLES_ENV}={EXAMPLES})"
+        f"(a layout drawn as is also replays as {REPLAY_ENV}={SEED}:gen-NAME; "
+        f"the whole batch: {SEED_ENV}={SEED} {EXAMPLES_ENV}={EXAMPLES})"
     )
 
 
 def failure_report(layout: dict, bad: dict[str, known_issues.Outcome], loader: str, path: Path | None) -> str:
-    lines = [
-        f"generated layout {generated.layout_name(layout)} fails with loader {loader!r} "
-        f"(hypothesis seed {SEED}, {EXAMPLES} examples; hypothesis reports the shrunk layout last):"
-    ]
+    where = (
+        f"hypothesis seed {SEED}, {EXAMPLES} examples; hypothesis reports the shrunk layout last"
+        if path
+        else "replayed"
+    )
+    lines = [f"generated layout {generated.layout_name(layout)} fails with loader {loader!r} ({where}):"]
     for check, outcome in bad.items():
         lines.append(f"  [{check}] {outcome.status}: " + outcome.message.replace("\n", "\n      "))
     lines.append("layout: " + generated.canonical(layout))
@@ -271,7 +274,12 @@ def find_and_shrink(runs: Runs, loader: str, ok: frozenset[str], launches: int =
                 )
             return error
         runs.shrink_launches[loader] += 1
-        runs.launch(loader, todo[:SHRINK_BATCH])
+        launch_dir = runs.root / "launches" / loader
+        before = len(list(launch_dir.glob("launch-*"))) if launch_dir.exists() else 0
+        runs.launch(loader, todo[: runs.shrink_batch.get(loader, SHRINK_BATCH)])
+        if len(list(launch_dir.glob("launch-*"))) - before > 2:
+            # ranks that fail differently (one raises) cost a relaunch per case: fewer speculative candidates
+            runs.shrink_batch[loader] = max(4, runs.shrink_batch.get(loader, SHRINK_BATCH) // 2)
 
 
 def summary(runs: Runs, loader: str, layouts: list[dict]) -> Counter:
@@ -443,7 +451,8 @@ def test_replay(runs, request):
         bad = {c: o for c, o in got.items() if o.status not in ok}
         if bad:
             failed.append(failure_report(layout, bad, loader, None))
-    assert not failed, "\n\n".join(failed)
+    if failed:
+        pytest.fail("\n\n".join(failed), pytrace=False)
 
 
 # ---------------------------------------------------------------- hypothesis against the regressions (slow)
