@@ -1,6 +1,6 @@
 """Memory committed by from_pretrained per rank, fixed vs regressed loader, as a fraction of the model.
 
-    python benchmarks/memory.py [--nproc 2 4] [--case big-llama] [--fixed stock reference] [--regressed zeros-like-era]
+    python benchmarks/memory.py [--nproc 2 4] [--case big-llama] [--fixed stock fixed] [--regressed zeros-like-era]
 
 Prints, for each world size, each rank's committed anonymous memory (peak
 over from_pretrained minus its start, RssAnon) divided by the checkpoint's
@@ -17,20 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdp_load_checks import cases, launch, runner  # noqa: E402
+from fsdp_load_checks import catalogue  # noqa: E402
+from fsdp_load_checks.parent import runner  # noqa: E402
+from fsdp_load_checks.parent.launch import LaunchConfig  # noqa: E402
+from fsdp_load_checks.render import lost_line  # noqa: E402
 
 MiB = 1 << 20
 
 
 def fractions(root: Path, case, loader: str, nproc: int) -> dict[int, float]:
-    cfg = launch.LaunchConfig(nproc=nproc, loader=loader, case_timeout_s=600, startup_timeout_s=600)
+    cfg = LaunchConfig(nproc=nproc, loader=loader, case_timeout_s=600, startup_timeout_s=600)
     result = runner.run_batch(root, [case], cfg)[case.name]
     out = {}
     for rank, obs in sorted(result.run.observations.items()):
         phase = obs.memory.phases.get("from_pretrained")
         out[rank] = phase.committed / obs.memory.model_bytes if phase else float("nan")
     if result.run.lost or len(out) < nproc:
-        print(f"  {loader}: not every rank reported: {[lost.one_line() for lost in result.run.lost]}")
+        print(f"  {loader}: not every rank reported: {[lost_line(lost) for lost in result.run.lost]}")
     return out
 
 
@@ -38,11 +41,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--case", default="big-llama")
-    parser.add_argument("--fixed", nargs="+", default=["stock", "reference"])
+    parser.add_argument("--fixed", nargs="+", default=["stock", "fixed"])
     parser.add_argument("--regressed", default="zeros-like-era")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    case = cases.all_cases()[args.case]
+    case = catalogue.all_cases()[args.case]
     root = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     for nproc in args.nproc:
         print(f"{args.case}, --nproc {nproc}: from_pretrained committed / model bytes, per rank")

@@ -20,14 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsdp_load_checks import cases, checkpoints, launch, runner  # noqa: E402
-from fsdp_load_checks.rank import RankTask  # noqa: E402
-
-
-def tasks_for(root: Path, selected) -> list[RankTask]:
-    return [
-        RankTask(c.name, str(checkpoints.checkpoint_dir(root, c)), c.dtype, list(c.imports), c.seed) for c in selected
-    ]
+from fsdp_load_checks import catalogue  # noqa: E402
+from fsdp_load_checks.parent import runner  # noqa: E402
+from fsdp_load_checks.parent.launch import LaunchConfig  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -46,26 +41,26 @@ def main() -> int:
     parser.add_argument("--cases", default=None, help="case filter (default: every toy case but the big-* size class)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    selected = cases.select(pattern=args.cases) if args.cases else [
-        c for c in cases.all_cases().values() if not c.name.startswith(("arch-", "big-"))
+    selected = catalogue.select(pattern=args.cases) if args.cases else [
+        c for c in catalogue.all_cases().values() if not c.name.startswith(("arch-", "big-"))
     ]
     root = Path(tempfile.mkdtemp(prefix="fsdp-speed-"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"{len(selected)} cases; building checkpoints and references once ...", flush=True)
     runner.materialize(root, selected, timeout_s=1800)
-    tasks = tasks_for(root, selected)
+    tasks = [runner.task_for(root, c) for c in selected]
     print(f"{'nproc':>5} {'batched s':>10} {'one case s':>10} {'per-case s':>11} {'speed-up':>9} {'marginal s/case':>16}")
     for nproc in args.nproc:
-        cfg = launch.LaunchConfig(nproc=nproc, case_timeout_s=300, startup_timeout_s=600)
+        cfg = LaunchConfig(nproc=nproc, case_timeout_s=300, startup_timeout_s=600)
         work = root / f"n{nproc}"
         batched_runs: dict = {}
-        batched = timed(lambda: batched_runs.update(launch.run(tasks, cfg, work / "batched")))
-        one = timed(lambda: launch.run(tasks[:1], cfg, work / "one"))
+        batched = timed(lambda: batched_runs.update(runner.run_tasks(tasks, cfg, work / "batched")))
+        one = timed(lambda: runner.run_tasks(tasks[:1], cfg, work / "one"))
         per_case_runs: dict = {}
 
         def per_case():
             for t in tasks:
-                per_case_runs.update(launch.run([t], cfg, work / "single"))
+                per_case_runs.update(runner.run_tasks([t], cfg, work / "single"))
 
         per_case_s = timed(per_case)
         ok = all_complete(batched_runs, nproc) and all_complete(per_case_runs, nproc)

@@ -1,4 +1,4 @@
-"""Checkpoints on disk, built from a case's config and seed; never downloaded.
+"""Checkpoints on disk, built from a case's config and seed (in the reference process); never downloaded.
 
 Built once per run directory and shared by every pytest-xdist worker and
 every loader: a file lock per case, and a marker written last, so a reader
@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from fsdp_load_checks.cases import Case, import_all
+from fsdp_load_checks.catalogue import import_all
+from fsdp_load_checks.records import Case
 
 DONE = "BUILT"
 

@@ -26,14 +26,12 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", default="2", help="ranks per launch (torchrun --nproc-per-node); default 2")
-    p.add_argument("--nnodes", default="1", help="simulate this many nodes on this machine, --nproc ranks each")
-    p.add_argument("--loader", default="stock", help="loader under test (default stock: the installed stack); see `list`")
-    p.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"), help="auto: nccl when every rank can own a GPU")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds one case may take on a rank before it is killed as hung")
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for all ranks to start")
-    p.add_argument("--poison-uninitialized", action="store_true", help="NaN-fill uninitialised memory on every rank")
+def add_common(p: argparse.ArgumentParser, command: str) -> None:
+    from fsdp_load_checks.options import OPTIONS
+
+    for option in OPTIONS:
+        if option.cli and (command == "zoo" or option.dest != "fsdp_cases"):
+            p.add_argument(option.flag, *option.cli_aliases, **option.kwargs())
     p.add_argument("--json", metavar="FILE", help="write every outcome and message as JSON")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case x check)")
     p.add_argument("--markdown", metavar="FILE", help="write the table and findings as markdown")
@@ -46,14 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fsdp-load-checks", description="Verify FSDP2 + cpu_ram_efficient_loading, rank by rank.")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     zoo = sub.add_parser("zoo", help="every zoo case against the installed stack (the default)")
-    add_common(zoo)
-    zoo.add_argument("--cases", help="comma-separated case names or globs (default: all)")
+    add_common(zoo, "zoo")
     check = sub.add_parser("check", help="your checkpoint directory (config.json + *.safetensors)")
     check.add_argument("path", help="directory written by save_pretrained")
     check.add_argument("--dtype", help="dtype to load in (default: the config's dtype, else float32)")
     check.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="module that registers the architecture with the Auto classes (repeatable)")
-    add_common(check)
+    add_common(check, "check")
     sub.add_parser("list", help="the cases, loaders and checks, one line each")
     return parser
 
@@ -71,27 +68,16 @@ def writable(path: str | None, flag: str) -> None:
 
 
 def launch_config(args):
-    from fsdp_load_checks import loaders
-    from fsdp_load_checks.launch import LaunchConfig
-    from fsdp_load_checks.options import backend_for, parse_nnodes, parse_nproc
+    from fsdp_load_checks.options import launch_config as from_options
 
     try:
-        nproc = parse_nproc(args.nproc)
-        nnodes = parse_nnodes(args.nnodes)
-        loaders.get(args.loader)
-        backend = backend_for(args.backend, nproc, nnodes)
+        return from_options(lambda dest: getattr(args, dest))
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc.args[0])) from None
-    for flag, value in (("--timeout", args.timeout), ("--startup-timeout", args.startup_timeout)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive seconds, got {value:g}")
-    return LaunchConfig(
-        nproc, args.loader, backend, args.timeout, args.startup_timeout, poison=args.poison_uninitialized, nnodes=nnodes
-    )
 
 
 def select_cases(args):
-    from fsdp_load_checks import cases, checkpoints
+    from fsdp_load_checks import catalogue, checkpoints
 
     if args.command == "check":
         for module in args.imports:
@@ -110,19 +96,19 @@ def select_cases(args):
                 raise UsageError(f"--dtype {args.dtype} is not a torch dtype; use e.g. float32, bfloat16, float16")
             dtype = args.dtype
         spec = [{"name": path.name or "checkpoint", "path": str(path), "dtype": dtype, "imports": args.imports}]
-        os.environ[cases.USER_CHECKPOINTS_ENV] = json.dumps(spec)  # reaches the reference and every rank
-        return cases.user_cases()
+        os.environ[catalogue.USER_CHECKPOINTS_ENV] = json.dumps(spec)  # reaches the reference and every rank
+        return catalogue.user_cases()
     try:
-        selected = cases.select(pattern=args.cases)
+        selected = catalogue.select(pattern=args.fsdp_cases)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
     if not selected:
-        raise UsageError(f"--cases {args.cases!r} matches no case; run `fsdp-load-checks list`")
+        raise UsageError(f"--fsdp-cases {args.fsdp_cases!r} matches no case; run `fsdp-load-checks list`")
     return selected
 
 
 def list_everything() -> int:
-    from fsdp_load_checks import cases, loaders
+    from fsdp_load_checks import catalogue, loaders
     from fsdp_load_checks.checks import CHECK_MEANING
 
     print("checks:")
@@ -131,8 +117,10 @@ def list_everything() -> int:
     print("loaders:")
     for loader in loaders.LOADERS.values():
         print(f"  {loader.name:<28} {loader.summary}")
+    for alias, target in loaders.ALIASES.items():
+        print(f"  {alias:<28} alias of {target}, kept for one release")
     print("cases:")
-    for case in cases.all_cases().values():
+    for case in catalogue.all_cases().values():
         print(f"  {case.name:<28} {case.guards}")
     return EXIT_OK
 
@@ -141,8 +129,9 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fsdp_load_checks import report, runner
+    from fsdp_load_checks import known_issues, render, report
     from fsdp_load_checks.checks import CHECK_MEANING
+    from fsdp_load_checks.parent import runner
 
     cfg = launch_config(args)
     for flag in ("json", "junit", "markdown"):
@@ -172,20 +161,21 @@ def run(args) -> int:
     rows = []
     for case in selected:
         result = results[case.name]
-        outcomes = result.outcomes(case, cfg.loader)
+        outcomes = known_issues.outcomes(result, case, cfg.loader)
+        messages = {c: render.outcome_message(o) for c, o in outcomes.items()}
         rows.append(report.Row(
             case=case.name,
             guards=case.guards,
-            status={c: o.status for c, o in outcomes.items()},
-            messages={c: o.message for c, o in outcomes.items() if o.message},
+            status={c: str(o.status) for c, o in outcomes.items()},
+            messages={c: m for c, m in messages.items() if m},
             memory=report.memory_figures(result.run.observations),
+            memory_judged=report.judged(result.verdicts["memory"]),
         ))
     out = Console()
     out.print(report.rows_table(rows, checks))
-    from fsdp_load_checks.checks import MEMORY_MIN_MODEL_BYTES
-
-    if any(f.get("model", 0) >= MEMORY_MIN_MODEL_BYTES for row in rows for f in row.memory.values()) or args.command == "check":
-        out.print(report.memory_table(rows))
+    judged = report.judged_memory(rows)
+    if judged:
+        out.print(report.memory_table(judged))
     for row in rows:
         for check in checks:
             if row.status.get(check) == "failed":

@@ -1,44 +1,105 @@
 """Upstream bugs that are real today, matched by their exact symptom and version range.
 
 An entry turns a failing (case, check) into an expected failure only when
-every problem line matches its symptom, so a second bug in the same case
-still fails. It is strict: when an affected case passes, the entry is
-stale (upstream fixed it) and the suite fails to say so.
+every problem of that check matches one of its symptoms, field by field
+(kind of problem, exception type and message, tensor name, rank, a numeric
+range: `records.Symptom`), so a second bug in the same case still fails.
+It is strict: when an affected case passes, the entry is stale (upstream
+fixed it) and the suite fails to say so.
+
+Entries select cases by tag where they can (`records.case`), so the zoo's
+toy cases, the real architectures and generated layouts share one entry per
+bug; a tag's `Case.tensors` names exactly the tensors the bug affects there.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from packaging.specifiers import SpecifierSet
 
-from fsdp_load_checks.cases import BIG, PERSISTENT_BUFFER, Case
-from fsdp_load_checks.checks import CHECKS, Verdict
+from fsdp_load_checks.checks import CHECKS
+from fsdp_load_checks.observe import stack_versions
+from fsdp_load_checks.records import (
+    Against,
+    Case,
+    CaseResult,
+    KnownIssue,
+    Outcome,
+    Phase,
+    Problem,
+    ProblemKind,
+    Status,
+    Symptom,
+    Verdict,
+)
+from fsdp_load_checks.records.case import (
+    BIG,
+    FORGOTTEN_BUFFER,
+    FORGOTTEN_FLOAT_BUFFER,
+    PERSISTENT_BUFFER,
+    ROOT_NON_PERSISTENT,
+    SHARED_NON_PERSISTENT,
+)
 
-ALL_CHECKS = frozenset(CHECKS)
+ALL_CHECKS = tuple(CHECKS)
 
 
-@dataclass(frozen=True)
-class KnownIssue:
-    key: str
-    url: str
-    title: str
-    package: str
-    affected: str  # PEP 440 specifier of the releases that have the bug
-    selects: Callable[[Case], bool]
-    symptoms: dict[str, str]  # check -> regex every problem line of that check must match
-    loaders: tuple[str, ...] = ("stock",)  # the installed stack's bugs; a patched loader must not inherit them
+def applies(issue: KnownIssue, case: Case, check: str, versions: dict[str, str], loader: str = "stock") -> bool:
+    """The issue is registered for this case and check on the installed stack (its symptom must show)."""
+    if loader not in issue.loaders:
+        return False
+    installed = versions.get(issue.package)
+    if not installed or installed == "absent" or check not in issue.symptoms:
+        return False
+    if not any(_applicable(s, case) for s in issue.symptoms[check]):
+        return False
+    return SpecifierSet(issue.affected).contains(installed, prereleases=True) and issue.selects(case)
 
-    def applies(self, case: Case, check: str, versions: dict[str, str], loader: str = "stock") -> bool:
-        if loader not in self.loaders:
+
+def _applicable(symptom: Symptom, case: Case) -> bool:
+    return symptom.when_tagged is None or symptom.when_tagged in case.tags
+
+
+def matches(symptom: Symptom, problem: Problem, case: Case) -> bool:
+    """Every field the symptom sets agrees with the problem."""
+    s, p = symptom, problem
+    if not _applicable(s, case):
+        return False
+    if s.kinds and p.kind not in s.kinds:
+        return False
+    if s.tensor is not None and not re.fullmatch(s.tensor, p.tensor):
+        return False
+    if s.tagged is not None and p.tensor not in case.tensors.get(s.tagged, ()):
+        return False
+    if s.against is not None and p.against != s.against:
+        return False
+    if p.rank is None or p.rank < s.min_rank:
+        return False
+    if s.exc_type is not None or s.message is not None:
+        if p.failure is None or p.kind != ProblemKind.RAISED:
             return False
-        installed = versions.get(self.package)
-        if not installed or installed == "absent" or check not in self.symptoms:
+        if (s.exc_type is not None and p.failure.exc_type != s.exc_type) or (
+            s.message is not None and p.failure.message != s.message
+        ):
             return False
-        return SpecifierSet(self.affected).contains(installed, prereleases=True) and self.selects(case)
+    if s.phase is not None:
+        where = p.failure.phase if p.failure else p.memory.phase if p.memory else p.phase
+        if where != s.phase:
+            return False
+    if s.loading is not None or s.multiple is not None:
+        if p.memory is None:
+            return False
+        if s.loading is not None and p.memory.loading != s.loading:
+            return False
+        if s.multiple is not None and not s.multiple[0] <= p.memory.multiple < s.multiple[1]:
+            return False
+    return True
+
+
+def explains(issue: KnownIssue, problem: Problem, case: Case) -> bool:
+    return any(matches(s, problem, case) for s in issue.symptoms.get(problem.check, ()))
 
 
 def _tagged(tag: str) -> Callable[[Case], bool]:
@@ -49,16 +110,28 @@ def _named(*names: str) -> Callable[[Case], bool]:
     return lambda case: case.name in names
 
 
-PERSISTENT_BUFFER_CRASH = r"rank \d+ raised AttributeError: 'Tensor' object has no attribute 'device_mesh' \(during fsdp2_prepare\)"
-FORGOTTEN = r"non-persistent buffer model\.layers\.\d+\.attn\.alibi_slopes"
 MODELING_UTILS = "https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/modeling_utils.py"
-RECURRENT_GEMMA_ROPE = r"non-persistent buffer model\.layers\.\d+\.temporal_block\.rotary_emb\.(original_)?inv_freq"
+# a rank that raised during FSDP2 preparation, with exactly this exception
+PERSISTENT_BUFFER_CRASH = Symptom(
+    kinds=frozenset({ProblemKind.RAISED}),
+    exc_type="AttributeError",
+    message="'Tensor' object has no attribute 'device_mesh'",
+    phase=Phase.FSDP2_PREPARE,
+)
+SHARED_BUFFER_CRASH = Symptom(
+    kinds=frozenset({ProblemKind.RAISED}),
+    exc_type="NotImplementedError",
+    message="Cannot copy out of meta tensor; no data!",
+    phase=Phase.FSDP2_PREPARE,
+)
+NAN_LOGITS = Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tensor="logits")
+WRONG_LOGITS = Symptom(kinds=frozenset({ProblemKind.LOGITS}))
 # A rank that only receives rank 0's weights committing about the whole model (0.9x-1.5x) while loading:
 # the non-rank-0 branch wrote into every parameter and buffer. Multiples above 1.5x are another bug.
-WHOLE_MODEL_ON_A_RECEIVING_RANK = (
-    r"^\S+: rank \d+ committed [\d.]+ MiB \((0\.9\d|1\.[0-4]\d)x the [\d.]+ MiB model\) during from_pretrained; "
-    r"a rank that only receives rank 0's weights may commit at most "
+WHOLE_MODEL_ON_A_RECEIVING_RANK = Symptom(
+    kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FROM_PRETRAINED, loading=False, multiple=(0.9, 1.5)
 )
+RECURRENT_GEMMA_ROPE = r"model\.layers\.\d+\.temporal_block\.rotary_emb\.(original_)?inv_freq"
 
 # Version ranges are exact: entries are strict, so a release inside a range where the bug is absent fails
 # as stale, and a release outside it fails on the symptom. Eras of the non-rank-0 branch of
@@ -80,7 +153,7 @@ KNOWN_ISSUES = [
         package="accelerate",
         affected=">=1.10.0",  # no fixed release yet (fix PRs 3921 and 4023 closed unmerged)
         selects=_tagged(PERSISTENT_BUFFER),
-        symptoms=dict.fromkeys(ALL_CHECKS, rf"^\S+: {PERSISTENT_BUFFER_CRASH}$"),
+        symptoms=dict.fromkeys(ALL_CHECKS, (PERSISTENT_BUFFER_CRASH,)),
     ),
     KnownIssue(
         key="uninitialised-non-persistent-buffer",
@@ -93,11 +166,16 @@ KNOWN_ISSUES = [
         ),
         package="transformers",
         affected=">=5.0.0",
-        selects=_named("forgotten-buffer"),
+        selects=_tagged(FORGOTTEN_BUFFER),
         symptoms={
-            "no-nan": rf"^\S+: rank \d+ ({FORGOTTEN} has \d+ NaN|logits have \d+ NaN)",
-            "buffers": rf"^\S+: .*{FORGOTTEN}",
-            "forward": r"^\S+: rank \d+ logits differ from the single-process load",
+            # the loading rank's copy is uninitialised: NaN under poisoning, for a floating buffer
+            "no-nan": (
+                Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tagged=FORGOTTEN_FLOAT_BUFFER,
+                        when_tagged=FORGOTTEN_FLOAT_BUFFER),
+                Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tensor="logits", when_tagged=FORGOTTEN_FLOAT_BUFFER),
+            ),
+            "buffers": (Symptom(tagged=FORGOTTEN_BUFFER),),
+            "forward": (WRONG_LOGITS,),
         },
     ),
     KnownIssue(
@@ -110,11 +188,28 @@ KNOWN_ISSUES = [
         ),
         package="transformers",
         affected=">=5.0.0",
-        selects=_named("shared-buffer"),
-        symptoms=dict.fromkeys(
-            ALL_CHECKS,
-            r"^\S+: rank \d+ raised NotImplementedError: Cannot copy out of meta tensor; no data! \(during fsdp2_prepare\)$",
+        selects=_tagged(SHARED_NON_PERSISTENT),
+        symptoms=dict.fromkeys(ALL_CHECKS, (SHARED_BUFFER_CRASH,)),
+    ),
+    KnownIssue(
+        key="root-non-persistent-buffer-not-recomputed",
+        url=MODELING_UTILS + "#L4910",
+        title=(
+            "_initialize_missing_keys marks the model itself _is_hf_initialized on ranks 1..N, so _initialize_weights "
+            "skips the root module and a non-persistent buffer registered directly on it keeps its zeros placeholder "
+            "even when _init_weights recomputes it; fsdp2_prepare_model keeps each rank's own copy (found by the "
+            "generated layouts, not yet reported)"
         ),
+        package="transformers",
+        affected=">=5.0.0",
+        selects=_tagged(ROOT_NON_PERSISTENT),
+        symptoms={
+            "buffers": (
+                Symptom(kinds=frozenset({ProblemKind.VALUES}), tagged=ROOT_NON_PERSISTENT, against=Against.RANK0,
+                        min_rank=1),
+            ),
+            "forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS}), min_rank=1),),
+        },
     ),
     KnownIssue(
         key="recurrent-gemma-rope-not-in-init-weights",
@@ -131,9 +226,9 @@ KNOWN_ISSUES = [
         affected=">=5.0.0,<5.4.0",
         selects=_named("arch-recurrent-gemma"),
         symptoms={
-            "no-nan": rf"^\S+: rank \d+ ({RECURRENT_GEMMA_ROPE} has \d+ NaN|logits have \d+ NaN)",
-            "buffers": rf"^\S+: rank \d+ {RECURRENT_GEMMA_ROPE} differs from ",
-            "forward": r"^\S+: rank \d+ logits differ from the single-process load",
+            "no-nan": (Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tensor=RECURRENT_GEMMA_ROPE), NAN_LOGITS),
+            "buffers": (Symptom(kinds=frozenset({ProblemKind.VALUES}), tensor=RECURRENT_GEMMA_ROPE),),
+            "forward": (WRONG_LOGITS,),
         },
     ),
     KnownIssue(
@@ -148,7 +243,7 @@ KNOWN_ISSUES = [
         package="transformers",
         affected=">=5.6.0,<5.23.0",
         selects=_tagged(BIG),
-        symptoms={"memory": WHOLE_MODEL_ON_A_RECEIVING_RANK},
+        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},
     ),
     KnownIssue(
         key="reinit-era-memory",
@@ -162,42 +257,38 @@ KNOWN_ISSUES = [
         package="transformers",
         affected=">=5.0.0,<5.4.0",
         selects=_tagged(BIG),
-        symptoms={"memory": WHOLE_MODEL_ON_A_RECEIVING_RANK},
+        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},
     ),
 ]
 
 
-@dataclass
-class Outcome:
-    status: str  # "passed" | "failed" | "xfailed" | "skipped"
-    message: str
-
-
 def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None, loader: str = "stock") -> Outcome:
+    """One verdict read against the registry: passed, failed (with what is unexplained), xfailed or skipped."""
+    outcome = Outcome(case.name, verdict.check, Status.PASSED, versions=dict(versions))
     if verdict.skipped:
-        return Outcome("skipped", verdict.skipped)
+        outcome.status, outcome.skipped = Status.SKIPPED, verdict.skipped
+        return outcome
     registry = KNOWN_ISSUES if registry is None else registry
-    issues = [k for k in registry if k.applies(case, verdict.check, versions, loader)]
+    issues = [k for k in registry if applies(k, case, verdict.check, versions, loader)]
+    outcome.issues = issues
     if not issues:
-        if verdict.passed:
-            return Outcome("passed", "")
-        return Outcome("failed", "\n".join(verdict.problems))
-    if verdict.passed:
-        keys = ", ".join(f"{k.key} ({k.url})" for k in issues)
-        return Outcome(
-            "failed",
-            f"{case.name}/{verdict.check} passed but is registered as known issue {keys} for "
-            f"{', '.join(f'{k.package} {versions.get(k.package)}' for k in issues)}: upstream fixed it, "
-            "narrow the entry's version range in known_issues.py (strict xfail)",
-        )
-    unexplained = [
-        p for p in verdict.problems if not any(re.search(k.symptoms[verdict.check], p) for k in issues)
-    ]
+        if not verdict.passed:
+            outcome.status, outcome.problems = Status.FAILED, list(verdict.problems)
+        return outcome
+    if verdict.passed:  # stale: the registered bug did not show
+        outcome.status = Status.FAILED
+        return outcome
+    unexplained = [p for p in verdict.problems if not any(explains(k, p, case) for k in issues)]
     if unexplained:
-        return Outcome(
-            "failed",
-            "\n".join(unexplained)
-            + f"\n(known issue {', '.join(k.key for k in issues)} applies, but the lines above are not its symptom)",
-        )
-    k = next(k for k in issues if any(re.search(k.symptoms[verdict.check], p) for p in verdict.problems))
-    return Outcome("xfailed", f"known issue {k.key} ({k.url}): {verdict.problems[0]}")
+        outcome.status, outcome.problems = Status.FAILED, unexplained
+        return outcome
+    first = next(k for k in issues if any(explains(k, p, case) for p in verdict.problems))
+    outcome.status, outcome.problems = Status.XFAILED, list(verdict.problems)
+    outcome.issues = [first, *(k for k in issues if k is not first)]
+    return outcome
+
+
+def outcomes(result: CaseResult, case: Case, loader: str, registry=None) -> dict[str, Outcome]:
+    """Each check's verdict on one case read against the known upstream issues of the installed stack."""
+    versions = result.reference.versions if result.reference else stack_versions()
+    return {name: classify(case, v, versions, registry=registry, loader=loader) for name, v in result.verdicts.items()}

@@ -1,6 +1,9 @@
-"""Renderings of a run's outcomes: the terminal table, markdown, JSON and JUnit XML.
+"""Renderings of a run's outcomes: the terminal tables, markdown, JSON and JUnit XML.
 
-All take plain rows, so the pytest plugin and the CLI render the same thing.
+All take plain rows, so the pytest plugin and the CLI render the same thing,
+under one rule for the terminal: the verdict table, and memory figures only
+for the cases whose memory the check judged (`judged_memory`); every figure
+of every case goes to the JSON report.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Row:
     status: dict[str, str] = field(default_factory=dict)  # check -> passed | failed | xfailed
     messages: dict[str, str] = field(default_factory=dict)  # check -> failure / xfail message
     memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> committed bytes ("model": size)
+    memory_judged: bool = False  # the memory check compared these figures with its bounds (see `judged`)
 
 
 MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")
@@ -32,23 +36,33 @@ def memory_figures(observations: dict) -> dict[int, dict[str, int]]:
     out = {}
     for rank, obs in sorted(observations.items()):
         figures = {"model": obs.memory.model_bytes}
-        figures.update({p: m.committed for p, m in obs.memory.phases.items()})
+        figures.update({str(p): m.committed for p, m in obs.memory.phases.items()})
         out[rank] = figures
     return out
 
 
-def memory_table(rows: list[Row], min_model_bytes: int = 0):
+def judged(verdict) -> bool:
+    """The check compared figures with its bounds: not skipped (too small, poisoned), not blocked by a crash."""
+    from fsdp_load_checks.render import BLOCKING
+
+    return not verdict.skipped and not any(p.kind in BLOCKING for p in verdict.problems)
+
+
+def judged_memory(rows: list[Row]) -> list[Row]:
+    """The rows whose memory figures the memory check judged: the only ones the terminal shows."""
+    return [row for row in rows if row.memory_judged and row.memory]
+
+
+def memory_table(rows: list[Row]):
     """Per case and rank: what each phase committed at its peak, in MiB and as a multiple of the model."""
     from rich.table import Table
 
     t = Table(header_style="bold", title="host memory committed per phase (RssAnon peak - start), MiB (x model)")
     for col in ("case", "rank", "model MiB", *MEMORY_PHASES):
-        t.add_column(col, justify="left" if col == "case" else "right")
+        t.add_column(col, justify="left" if col == "case" else "right", no_wrap=col == "case")
     for row in rows:
         for rank, figures in sorted(row.memory.items()):
             model = figures.get("model", 0)
-            if model < min_model_bytes:
-                continue
             cells = [
                 f"{figures[p] / 2**20:.1f} ({figures[p] / model:.2f}x)" if p in figures and model else "-"
                 for p in MEMORY_PHASES

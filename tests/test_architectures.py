@@ -13,7 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fsdp_load_checks.cases import PERSISTENT_BUFFER, all_cases  # noqa: E402
+from fsdp_load_checks.catalogue import all_cases  # noqa: E402
+from fsdp_load_checks.records import PERSISTENT_BUFFER  # noqa: E402
 from toy_models.architectures import ARCH_CASES, SKIPPED_ARCHS  # noqa: E402
 
 REQUIRED = (

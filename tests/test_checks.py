@@ -1,13 +1,30 @@
-"""Each check on hand-built observations: it passes on the good value and fails on the bad one."""
+"""Each check on hand-built observations: it passes on the good value and fails on the bad one.
+
+Problems are data (`records.Problem`); the tests read both the fields a
+known issue matches on and the sentence `render.py` makes of them.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fsdp_load_checks import render
 from fsdp_load_checks.checks import CHECKS, verdicts
-from fsdp_load_checks.launch import CaseRun, LostRank
-from fsdp_load_checks.observe import BUFFER, NON_PERSISTENT, PARAMETER, Failure, Observation, record
+from fsdp_load_checks.observe import record
+from fsdp_load_checks.records import (
+    Against,
+    CaseRun,
+    Failure,
+    LostHow,
+    LostRank,
+    Observation,
+    Phase,
+    ProblemKind,
+    TensorKind,
+)
+
+PARAMETER, BUFFER, NON_PERSISTENT = TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.NON_PERSISTENT
 
 
 def observation(rank: int, **overrides) -> Observation:
@@ -31,6 +48,10 @@ def run_of(*observations: Observation, lost=()) -> CaseRun:
 
 
 def problems(check: str, run: CaseRun, ref: Observation) -> list[str]:
+    return render.lines(verdicts(run, ref)[check])
+
+
+def found(check: str, run: CaseRun, ref: Observation):
     return verdicts(run, ref)[check].problems
 
 
@@ -46,6 +67,10 @@ def test_every_check_passes_on_identical_observations(check):
 def test_no_nan_flags_a_nan_buffer_with_rank_and_name():
     bad = run_of(observation(0), observation(1, tensors={"inv_freq": torch.tensor([float("nan"), 0.1])}))
     assert problems("no-nan", bad, REF) == ["c: rank 1 non-persistent buffer inv_freq has 1 NaN and 0 Inf of 2"]
+    (p,) = found("no-nan", bad, REF)
+    assert (p.kind, p.rank, p.tensor, p.tensor_kind, p.nan, p.inf, p.numel) == (
+        ProblemKind.NON_FINITE, 1, "inv_freq", NON_PERSISTENT, 1, 0, 2
+    )
 
 
 def test_no_nan_flags_inf_logits():
@@ -59,6 +84,9 @@ def test_buffers_flags_a_buffer_unlike_rank_0():
     bad = run_of(observation(0), observation(1, tensors={"bias": torch.tensor([0.0, 0.0])}))
     (line,) = problems("buffers", bad, REF)
     assert line.startswith("c: rank 1 persistent buffer bias differs from rank 0's: 2/2 elements differ")
+    (p,) = found("buffers", bad, REF)
+    assert (p.kind, p.rank, p.tensor, p.against) == (ProblemKind.VALUES, 1, "bias", Against.RANK0)
+    assert (p.difference.mismatched, p.difference.numel, p.difference.got, p.difference.want) == (2, 2, 0.0, 1.5)
 
 
 def test_buffers_flags_a_buffer_equal_across_ranks_but_unlike_the_plain_load():
@@ -110,33 +138,54 @@ def test_forward_tolerates_rounding_but_not_a_wrong_logit():
 
 
 def test_a_rank_that_raised_fails_every_check_naming_rank_and_exception():
-    failure = Failure(1, "fsdp2_prepare", "AttributeError", "'Tensor' object has no attribute 'device_mesh'", "tb")
+    failure = Failure(1, Phase.FSDP2_PREPARE, "AttributeError", "'Tensor' object has no attribute 'device_mesh'", "tb")
     bad = run_of(observation(0), observation(1, failure=failure, tensors={}, logits=None))
     for check in CHECKS:
         assert problems(check, bad, REF) == [
             "c: rank 1 raised AttributeError: 'Tensor' object has no attribute 'device_mesh' (during fsdp2_prepare)"
         ]
+        (p,) = found(check, bad, REF)
+        assert p.kind == ProblemKind.RAISED and p.failure is failure
 
 
 def test_a_failed_forward_blocks_only_the_forward_check():
-    failure = Failure(1, "forward", "RuntimeError", "boom", "tb")
+    failure = Failure(1, Phase.FORWARD, "RuntimeError", "boom", "tb")
     bad = run_of(observation(0), observation(1, failure=failure, logits=None))
     assert problems("buffers", bad, REF) == []
     assert problems("forward", bad, REF) == ["c: rank 1 raised RuntimeError: boom (during forward)"]
 
 
 def test_a_lost_rank_fails_every_check():
-    lost = LostRank(1, "c", "observe", "died", -6, "tail")
+    lost = LostRank(1, "c", Phase.OBSERVE, LostHow.DIED, -6, "tail")
     bad = run_of(observation(0), lost=[lost])
     for check in CHECKS:
         assert problems(check, bad, REF) == ["c: rank 1 died during observe of c, exit code -6 (SIGABRT)"]
+        (p,) = found(check, bad, REF)
+        assert (p.kind, p.rank, p.lost) == (ProblemKind.LOST, 1, lost)
+
+
+@pytest.mark.parametrize(
+    "lost, line",
+    [
+        (LostRank(1, "c", Phase.OBSERVE, LostHow.HUNG, None, "", timeout_s=20), "rank 1 hung for more than 20s (killed; "
+         "Python stacks in its log) during observe of c"),
+        (LostRank(0, "c", Phase.OBSERVE, LostHow.BLOCKED, None, "", behind=(1,)), "rank 0 was blocked waiting for rank 1 "
+         "(killed) during observe of c"),
+        (LostRank(1, "c", Phase.STARTUP, LostHow.STARTUP_TIMEOUT, None, "", timeout_s=300), "rank 1 did not start within "
+         "300s during startup of c"),
+        (LostRank(1, "c", Phase.FORWARD, LostHow.STOPPED, -15, "", phase_case="d"), "rank 1 was stopped after a peer failed "
+         "during forward (of d) of c, exit code -15 (SIGTERM)"),
+    ],
+)
+def test_a_lost_rank_renders_its_story_from_fields(lost, line):
+    assert render.lost_line(lost) == line
 
 
 MODEL = 300 << 20
 
 
 def with_memory(rank: int, from_pretrained: int, *, model: int = MODEL, local_rank: int | None = None, poisoned=False):
-    from fsdp_load_checks.memory import MemoryProfile, PhaseMemory
+    from fsdp_load_checks.records import MemoryProfile, PhaseMemory
 
     obs = observation(rank)
     base = 500 << 20
@@ -160,6 +209,8 @@ def test_memory_catches_the_zeros_like_regression_on_the_receiving_rank():
         "c: rank 1 committed 300.0 MiB (1.00x the 300.0 MiB model) during from_pretrained; a rank that only "
         "receives rank 0's weights may commit at most 0.1x (RssAnon, peak over the phase)"
     ]
+    (p,) = found("memory", run, REF)
+    assert (p.kind, p.rank, p.memory.loading, p.memory.multiple, p.memory.bound) == (ProblemKind.MEMORY, 1, False, 1.0, 0.1)
 
 
 def test_memory_bounds_the_loading_rank_by_a_multiple():

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import psutil
 
-from fsdp_load_checks import launch
+from fsdp_load_checks import render
+from fsdp_load_checks.parent import launch
+from fsdp_load_checks.parent.watchdog import read_progress
 
 LAUNCHES = 50
 # every launch is 2-3 processes importing torch (~150 MB anonymous memory each): 12 live launches fit
@@ -27,7 +29,7 @@ def empty_launch(i: int, work: Path) -> tuple[Path, list]:
     cfg = launch.LaunchConfig(nproc=1 if i % 2 else 2, nnodes=2 if i % 2 else 1, startup_timeout_s=240)
     out_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work))
     launch.launch_once([], out_dir, cfg)
-    states = [launch.read_progress(out_dir, r) for r in range(cfg.world_size)]
+    states = [read_progress(out_dir, r) for r in range(cfg.world_size)]
     return out_dir, states
 
 
@@ -59,7 +61,7 @@ def test_a_rendezvous_port_taken_before_torchrun_binds_it_is_picked_again(tmp_pa
         watch = launch.launch_once([], out_dir, cfg)
     finally:
         taken.close()
-    assert [launch.read_progress(out_dir, r)["phase"] for r in range(2)] == ["exit", "exit"]
+    assert [read_progress(out_dir, r)["phase"] for r in range(2)] == ["exit", "exit"]
     assert not watch.port_in_use
     assert list(out_dir.glob("launch.port-in-use.*.log"))  # the collision was seen, and retried
 
@@ -67,7 +69,8 @@ def test_a_rendezvous_port_taken_before_torchrun_binds_it_is_picked_again(tmp_pa
 def test_a_port_that_stays_taken_is_reported_in_one_line(tmp_path, monkeypatch):
     import socket
 
-    from fsdp_load_checks import cases, runner
+    from fsdp_load_checks import catalogue
+    from fsdp_load_checks.parent import runner
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -77,9 +80,9 @@ def test_a_port_that_stays_taken_is_reported_in_one_line(tmp_path, monkeypatch):
     cfg = launch.LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
     start = time.monotonic()
     try:
-        result = runner.run_batch(tmp_path, cases.select(["llama-rope"]), cfg)["llama-rope"]
+        result = runner.run_batch(tmp_path, catalogue.select(["llama-rope"]), cfg)["llama-rope"]
     finally:
         taken.close()
-    line = result.verdicts["buffers"].problems[0]
+    line = render.lines(result.verdicts["buffers"])[0]
     assert f"rendezvous port 127.0.0.1:{port} was in use 3 times in a row" in line, line
     assert time.monotonic() - start < 90  # a dead agent ends the launch; its peer is not waited for

@@ -8,7 +8,10 @@ import time
 import psutil
 import pytest
 
-from fsdp_load_checks import cases, launch, runner
+from fsdp_load_checks import catalogue, render
+from fsdp_load_checks.parent import runner
+from fsdp_load_checks.parent.launch import LaunchConfig
+from fsdp_load_checks.records import LostHow, Phase
 
 CASE_TIMEOUT = 20.0
 
@@ -16,14 +19,14 @@ CASE_TIMEOUT = 20.0
 @pytest.fixture(scope="module")
 def faulty_batch(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setenv(cases.EXTRA_MODULES_ENV, "tests.fault_cases")
+    mp.setenv(catalogue.EXTRA_MODULES_ENV, "tests.fault_cases")
     try:
-        names = [c.name for c in cases.select(pattern="fault-*")]
+        names = [c.name for c in catalogue.select(pattern="fault-*")]
         root = tmp_path_factory.mktemp("faults")
-        cfg = launch.LaunchConfig(nproc=2, case_timeout_s=CASE_TIMEOUT)
+        cfg = LaunchConfig(nproc=2, case_timeout_s=CASE_TIMEOUT)
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         start = time.monotonic()
-        results = runner.run_batch(root, cases.select(names), cfg)
+        results = runner.run_batch(root, catalogue.select(names), cfg)
         elapsed = time.monotonic() - start
         leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         yield results, elapsed, leftover, root
@@ -32,7 +35,7 @@ def faulty_batch(tmp_path_factory):
 
 
 def problems(results, case):
-    return results[case].verdicts["buffers"].problems
+    return render.lines(results[case].verdicts["buffers"])
 
 
 def test_a_rank_that_raises_is_named_with_its_exception(faulty_batch):
@@ -61,6 +64,8 @@ def test_a_rank_that_hangs_is_killed_and_named_with_its_phase(faulty_batch):
     lines = problems(results, "fault-hang")
     assert lines[0].startswith(f"fault-hang: rank 1 hung for more than {CASE_TIMEOUT:g}s")
     assert "during observe of fault-hang" in lines[0]
+    lost = results["fault-hang"].run.lost[0]
+    assert (lost.rank, lost.how, lost.phase, lost.timeout_s) == (1, LostHow.HUNG, Phase.OBSERVE, CASE_TIMEOUT)
     assert "Thread" in results["fault-hang"].run.lost[0].log_tail or "File" in results["fault-hang"].run.lost[0].log_tail
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import pytest
 
-from fsdp_load_checks import cases, launch, runner
+from fsdp_load_checks import catalogue, render
+from fsdp_load_checks.parent import runner
+from fsdp_load_checks.parent.launch import LaunchConfig
 
 CASES = ["llama-rope", "missing-head", "tied-embeddings"]
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    cfg = launch.LaunchConfig(nproc=2, nnodes=2, case_timeout_s=120)
-    return runner.run_batch(tmp_path_factory.mktemp("two-nodes"), cases.select(CASES), cfg)
+    cfg = LaunchConfig(nproc=2, nnodes=2, case_timeout_s=120)
+    return runner.run_batch(tmp_path_factory.mktemp("two-nodes"), catalogue.select(CASES), cfg)
 
 
 def test_four_ranks_on_two_nodes_each_with_its_own_local_rank_0(two_nodes):
@@ -36,10 +38,12 @@ def test_every_rank_ends_equal_to_global_rank_0_and_a_plain_load(two_nodes, case
 
 def test_memory_is_judged_per_node_each_local_rank_0_may_load(tmp_path_factory):
     """The OOM regression on 2 nodes: the ranks that only receive commit the model; each node's loader may."""
-    cfg = launch.LaunchConfig(nproc=2, nnodes=2, loader="zeros-like-era", case_timeout_s=300)
-    result = runner.run_batch(tmp_path_factory.mktemp("two-nodes-big"), cases.select(["big-llama"]), cfg)["big-llama"]
+    cfg = LaunchConfig(nproc=2, nnodes=2, loader="zeros-like-era", case_timeout_s=300)
+    result = runner.run_batch(tmp_path_factory.mktemp("two-nodes-big"), catalogue.select(["big-llama"]), cfg)["big-llama"]
     problems = result.verdicts["memory"].problems
-    flagged = sorted(int(p.split("rank ")[1].split()[0]) for p in problems)
-    assert flagged == [1, 3], problems  # LOCAL_RANK 1 on each node; global rank 2 is node 1's loading rank
-    assert all("a rank that only receives rank 0's weights may commit at most 0.1x" in p for p in problems)
+    flagged = sorted(p.rank for p in problems)
+    assert flagged == [1, 3], render.lines(result.verdicts["memory"])  # LOCAL_RANK 1 on each node; rank 2 loads
+    assert all(not p.memory.loading and p.memory.bound == 0.1 for p in problems)
+    assert all("a rank that only receives rank 0's weights may commit at most 0.1x" in line
+               for line in render.lines(result.verdicts["memory"]))
     assert result.verdicts["buffers"].passed and result.verdicts["forward"].passed

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from fsdp_load_checks.cases import PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
 
 VOCAB = 128
 

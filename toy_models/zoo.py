@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from fsdp_load_checks.cases import BIG, PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records import BIG, PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records.case import FORGOTTEN_BUFFER, FORGOTTEN_FLOAT_BUFFER, SHARED_NON_PERSISTENT
 from toy_models.decoder import ToyDecoderConfig
 
 TOY = ("toy_models",)
+# ToyAttention.alibi_slopes of the default 2 layers: the buffer ToyPreTrainedModel._init_weights forgets
+ALIBI = tuple(f"model.layers.{i}.attn.alibi_slopes" for i in range(2))
 
 
 def toy(name: str, guards: str, dtype: str = "float32", *, persistent: bool = False, **switches) -> Case:
@@ -32,8 +35,10 @@ TOY_CASES = [
         "forgotten-buffer",
         "non-persistent buffer _init_weights does not recompute: other ranks keep a placeholder unless rank 0's is sent",
         forgotten_buffer=True,
+    ).with_tags(tensors={FORGOTTEN_BUFFER: ALIBI, FORGOTTEN_FLOAT_BUFFER: ALIBI}),
+    toy("shared-buffer", "one buffer tensor registered under two modules", shared_buffer=True).with_tags(
+        SHARED_NON_PERSISTENT
     ),
-    toy("shared-buffer", "one buffer tensor registered under two modules", shared_buffer=True),
     toy("fp32-rope-in-bf16", "fp32 RoPE buffers inside a bf16 model keep fp32 (the NaN-logits dtype case)", "bfloat16", cos_sin_cache=True),
     toy("tied-embeddings", "tied input/output embeddings stay tied and equal after sharding", tie_word_embeddings=True),
     Case(

@@ -1,50 +1,29 @@
-"""What a case is, and the catalogue of cases the suite knows.
+"""The catalogue of cases the suite knows: the zoo, extra case modules and a user's checkpoints.
 
-A case is a recipe for a checkpoint: a config built in code, a seed, a
-dtype and a few edits to the saved file (keys dropped, keys added). Cases
-are looked up by name in every process, so only names cross process
-boundaries.
+Cases are looked up by name in every process (the parent, the reference
+process, every rank), so only names cross process boundaries; everything a
+process needs to find the same cases travels in environment variables.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import fnmatch
 import importlib
+import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
-# tags a known issue can select cases by
-PERSISTENT_BUFFER = "persistent-buffer"
-BIG = "big"  # hundreds of MiB: the size class the memory check can judge
+from fsdp_load_checks.records import Case
+from fsdp_load_checks.records.case import USER
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    guards: str  # one line: the bug this case would catch
-    config: Callable[[], object]  # returns a transformers PretrainedConfig
-    imports: tuple[str, ...] = ()  # modules that register the architecture (toy models)
-    dtype: str = "float32"
-    seed: int = 0
-    drop_keys: tuple[str, ...] = ()  # checkpoint keys removed after saving (missing on load)
-    extra_keys: tuple[str, ...] = ()  # keys added to the checkpoint (unexpected on load)
-    tags: frozenset[str] = field(default_factory=frozenset)
-    fault: str | None = None  # harness self-tests: a fault to inject into one rank (faults.py)
-    checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
-
-    def with_tags(self, *tags: str) -> Case:
-        return dataclasses.replace(self, tags=self.tags | frozenset(tags))
+EXTRA_MODULES_ENV = "FSDP_LOAD_CHECKS_CASE_MODULES"  # comma-separated modules with a CASES list
+USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports"}
 
 
 def import_all(modules: tuple[str, ...]) -> None:
+    """Import the modules that register a case's architecture with the Auto classes."""
     for module in modules:
         importlib.import_module(module)
-
-
-EXTRA_MODULES_ENV = "FSDP_LOAD_CHECKS_CASE_MODULES"
-USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports"}
 
 
 def _no_config(name: str, path: str):
@@ -59,13 +38,11 @@ def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = ()) -
         imports=tuple(imports),
         dtype=dtype,
         checkpoint=path,
-        tags=frozenset({"user"}),
+        tags=frozenset({USER}),
     )
 
 
 def user_cases() -> list[Case]:
-    import json
-
     raw = os.environ.get(USER_CHECKPOINTS_ENV)
     return [user_case(c["name"], c["path"], c["dtype"], tuple(c.get("imports", ()))) for c in json.loads(raw)] if raw else []
 
@@ -93,9 +70,7 @@ def all_cases() -> dict[str, Case]:
 
 def select(names: list[str] | None = None, pattern: str | None = None) -> list[Case]:
     """Cases by exact names, or by names/globs (`arch-*`), in catalogue order; no substring match, so
-    `arch-deepseek-v3` never also selects `arch-deepseek-v32`."""
-    import fnmatch
-
+    `arch-deepseek-v3` never also selects `arch-deepseek-v32`. KeyError names unknown exact names."""
     catalogue = all_cases()
     if names:
         unknown = [n for n in names if n not in catalogue]

@@ -1,14 +1,14 @@
 """The historical regressions of the loading path, re-created as loaders, so every check is shown able to fail.
 
-Each is the reference loader (loaders.py) with one piece swapped for the
+Each is the fixed loader (fixed.py) with one piece swapped for the
 code of a past release or of a fix that was proposed upstream, so it shows
-only its own symptom. The reference fixes two independent things a
+only its own symptom. The fixed loader fixes two independent things a
 regression needs to get anywhere near its symptom, and every regression
 keeps them: persistent buffers get through `fsdp2_prepare_model` (accelerate
 releases crash on any, issue 3898) and rank 0 holds the right value of a
 non-persistent buffer `_init_weights` forgets. Where a regression is about
 what ranks 1..N compute for a non-persistent buffer, it also drops the
-reference's broadcast of rank 0's non-persistent buffers (A2), which would
+fixed loader's broadcast of rank 0's non-persistent buffers (A2), which would
 overwrite the evidence: every accelerate release keeps each rank's own copy.
 
 The non-rank-0 branches below are the code of
@@ -20,7 +20,9 @@ applied to the installed transformers (5.24.0). On ranks 1..N,
 are not, so `_init_weights` still recomputes non-persistent buffers), so the
 eras share the installed one.
 
-This module is imported by loaders.py at start-up: keep transformers and
+Which check catches which regression is the detection matrix
+(`python -m fsdp_load_checks.detection`, tests/test_detection.py). This
+module is imported by every rank at start-up: keep transformers and
 accelerate imports inside the functions.
 """
 
@@ -83,7 +85,7 @@ def persistent_buffers_left_on_meta(model) -> None:
     """Ranks 1..N leave persistent buffers on meta (placeholders only for the non-persistent ones).
 
     The state the PR 45649 review asked about: harmless when accelerate
-    broadcasts persistent buffers (the reference), fatal when a rank uses
+    broadcasts persistent buffers (the fixed loader), fatal when a rank uses
     its own copy.
     """
     import torch
@@ -108,7 +110,7 @@ def zero_placeholders_for_all_buffers(model) -> None:
 class Regression:
     name: str
     summary: str  # one line: the upstream era / PR it re-creates
-    changes: dict = field(default_factory=dict)  # fields of loaders.Variant that differ from the reference
+    changes: dict = field(default_factory=dict)  # fields of fixed.Variant that differ from the fixed loader
     symptom: str = ""  # what the suite should see, and on which cases
     cases: tuple[str, ...] = ()  # the fewest toy cases that show it (tests/test_detection.py)
     poison: bool = False  # needs --poison-uninitialized to fail deterministically
@@ -165,87 +167,3 @@ REGRESSIONS = [
         cases=("fp32-rope-in-bf16",),
     ),
 ]
-
-
-# ---------------------------------------------------------------------------
-# The detection matrix: which check catches which regression (tests/test_detection.py asserts it;
-# `python -m fsdp_load_checks.regressions [ROOT]` prints it for the README).
-# ---------------------------------------------------------------------------
-
-REFERENCE_LOADER = "reference"
-
-
-def detection_plan() -> dict[str, tuple[tuple[str, ...], bool]]:
-    """loader -> (cases, poison): the reference over every toy case, each regression over its own cases."""
-    from toy_models.zoo import TOY_CASES
-
-    plan = {REFERENCE_LOADER: (tuple(c.name for c in TOY_CASES), False)}
-    plan.update({r.name: (r.cases, r.poison) for r in REGRESSIONS})
-    return plan
-
-
-def run_detection(root, loader: str, nproc: int = 2, **config):
-    """One torchrun launch of `loader` over its planned cases: {case: runner.CaseResult}."""
-    from pathlib import Path
-
-    from fsdp_load_checks import cases, runner
-    from fsdp_load_checks.launch import LaunchConfig
-
-    names, poison = detection_plan()[loader]
-    cfg = LaunchConfig(nproc=nproc, loader=loader, poison=poison, **config)
-    return runner.run_batch(Path(root), cases.select(list(names)), cfg)
-
-
-def detection_matrix(runs: dict) -> dict[str, dict[str, list[str]]]:
-    """loader -> check -> the cases whose verdict for that check has problems (empty: not caught).
-
-    A case whose ranks raised or died fails every check on that alone; it is
-    listed as "CASE: crash", since no value was compared.
-    """
-    from fsdp_load_checks.checks import CHECKS
-
-    return {
-        loader: {
-            check: [
-                f"{case}: crash" if crashed(result) else case
-                for case, result in results.items()
-                if result.verdicts[check].problems
-            ]
-            for check in CHECKS
-        }
-        for loader, results in runs.items()
-    }
-
-
-def detection_matrix_markdown(matrix: dict[str, dict[str, list[str]]]) -> str:
-    from fsdp_load_checks.checks import CHECKS
-
-    lines = [
-        "| loader | " + " | ".join(CHECKS) + " |",
-        "| --- | " + " | ".join("---" for _ in CHECKS) + " |",
-    ]
-    for loader, row in matrix.items():
-        cells = [f"caught ({', '.join(row[c])})" if row[c] else "-" for c in CHECKS]
-        lines.append(f"| {loader} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def crashed(result) -> bool:
-    """The case's ranks raised or died, so every check failed on that alone (no value was compared)."""
-    return bool(result.run.lost) or any(not obs.ok for obs in result.run.observations.values())
-
-
-def main(argv: list[str]) -> int:
-    import tempfile
-    from pathlib import Path
-
-    root = Path(argv[0]) if argv else Path(tempfile.mkdtemp(prefix="fsdp-detection-"))
-    runs = {loader: run_detection(root, loader) for loader in detection_plan()}
-    print(detection_matrix_markdown(detection_matrix(runs)))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main(sys.argv[1:]))

@@ -21,6 +21,7 @@ def parse(fault: str) -> tuple[str, str, int]:
 
 
 def fire(fault: str | None, phase: str, rank: int) -> None:
+    """Inject `fault` if this rank has just entered its phase."""
     if not fault:
         return
     how, at, who = parse(fault)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+
+from fsdp_load_checks.records import MemoryProfile, PhaseMemory
 
 SAMPLE_S = 0.005  # the sampler's period; a regression commits for far longer than this
 TRACE_S = 0.05  # the stored trace (for plots) is thinned to this spacing
@@ -30,32 +31,6 @@ def anon_bytes() -> int:
     import psutil  # not Linux: RSS is the closest portable figure (over-counts mapped file pages)
 
     return psutil.Process().memory_info().rss
-
-
-@dataclass
-class PhaseMemory:
-    start: int  # bytes when the phase began
-    end: int  # bytes when it ended
-    peak: int  # highest sample in between
-    cuda_peak: int | None = None  # torch.cuda.max_memory_allocated in the phase
-
-    @property
-    def committed(self) -> int:
-        """What the phase added at its worst: the figure the memory check bounds."""
-        return max(self.peak - self.start, 0)
-
-
-@dataclass
-class MemoryProfile:
-    """Crosses the process boundary in each rank's observation."""
-
-    source: str = "RssAnon"
-    model_bytes: int = 0  # size of the checkpoint's safetensors files
-    local_rank: int = 0  # the rank transformers treats as the loader is LOCAL_RANK 0 (one per node)
-    poisoned: bool = False  # uninitialised memory was NaN-filled: figures are inflated, the check is skipped
-    phases: dict[str, PhaseMemory] = field(default_factory=dict)
-    trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
-    marks: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, phase that began)
 
 
 class Sampler:

@@ -1,0 +1,65 @@
+"""Loaders under test: how a rank turns a checkpoint into an FSDP2 model.
+
+A loader is a context manager entered inside each rank around
+`from_pretrained` and FSDP2 preparation, so patches never leak into the
+parent or the reference process.
+
+  stock        the installed transformers and accelerate, untouched: what a fork's CI runs
+  fixed        stock + the documented fix set (fixed.py, docs/reference-loader.md)
+  <regression> a historical regression re-created on top of `fixed` (regressions.py)
+
+`reference` is the fixed loader's old name, kept as an alias for one release
+(it was easy to confuse with the reference process, the plain single-process
+load every rank is compared with).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import ContextManager
+
+from fsdp_load_checks.loaders.fixed import FIXED, Variant, patched
+from fsdp_load_checks.loaders.regressions import REGRESSIONS
+
+
+@dataclass(frozen=True)
+class Loader:
+    name: str
+    summary: str
+    patch: Callable[[], ContextManager]
+
+
+def _variant_loader(name: str, summary: str, variant: Variant) -> Loader:
+    return Loader(name, summary, lambda: patched(variant))
+
+
+FIXED_LOADER = "fixed"
+LOADERS: dict[str, Loader] = {
+    "stock": Loader("stock", "the installed transformers and accelerate, untouched", contextlib.nullcontext),
+    FIXED_LOADER: _variant_loader(
+        FIXED_LOADER,
+        "stock + the documented fix set (docs/reference-loader.md): persistent buffers broadcast (accelerate #3898), "
+        "rank 0's non-persistent buffers broadcast, __init__ values for buffers _init_weights forgets, shared buffers kept",
+        FIXED,
+    ),
+}
+for _r in REGRESSIONS:
+    LOADERS[_r.name] = _variant_loader(_r.name, _r.summary, replace(FIXED, **_r.changes))
+
+# old name -> new name; an alias loads exactly what its target loads, and is dropped after one release
+ALIASES = {"reference": FIXED_LOADER}
+
+
+def canonical(name: str) -> str:
+    """The loader's own name for `name` (an alias resolves to its target). KeyError: unknown, with the choices."""
+    name = ALIASES.get(name, name)
+    if name not in LOADERS:
+        choices = ", ".join([*LOADERS, *(f"{a} (alias of {t})" for a, t in ALIASES.items())])
+        raise KeyError(f"unknown loader {name!r}; choose one of: {choices}")
+    return name
+
+
+def get(name: str) -> Loader:
+    return LOADERS[canonical(name)]

@@ -1,0 +1,287 @@
+"""The fixed loader: the smallest patch set we know that makes the stock stack pass every check.
+
+For transformers 5.23+ and accelerate 1.10+; docs/reference-loader.md walks
+through it for a fork maintainer. It relies on T1, which is the installed
+transformers, and changes four things (T2, T3, A1, A2), each separately
+switchable (`Variant`) so `regressions.py` can re-create each historical bug
+as "the fixed loader, except this piece", showing only its own symptom:
+
+  T1  ranks 1..N: parameters and persistent buffers stay as loaded (memory-mapped,
+      no page touched); only non-persistent buffers get placeholders, which
+      `_init_weights` recomputes. This is transformers 5.23+ as installed.
+  T2  the loading rank: non-persistent buffers start from the value the model's
+      `__init__` gives them instead of `torch.empty_like`, so one `_init_weights`
+      forgets is right on rank 0 (and in any plain load).
+  T3  every rank: a buffer tensor registered under several names is materialised
+      once and set under every name (transformers and accelerate both dedupe
+      buffers by identity and leave the other names on meta).
+  A1  accelerate `fsdp2_load_full_state_dict`: persistent buffers (plain tensors in
+      the state dict, no `device_mesh`) are kept out of the installed function,
+      which loads the parameters exactly as upstream; rank 0 then broadcasts each
+      buffer and every rank keeps it whole (accelerate issue 3898).
+  A2  accelerate `fsdp2_prepare_model`: after preparation every rank takes rank 0's
+      non-persistent buffers (broadcast) instead of re-registering its own copy.
+
+Until this module was split out it was the `reference` loader; `reference`
+stays an alias of `fixed` for one release (loaders/__init__.py).
+Nothing here imports transformers or accelerate at module level: ranks import
+this module before they need either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fsdp_load_checks.tensors import (
+    init_non_persistent,
+    non_persistent_names,
+    set_tensor,
+    share_buffer,
+    shared_buffer_names,
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which pieces of the fixed patch set a loader uses (defaults: all of them)."""
+
+    # transformers `_move_missing_keys_from_meta_to_device`, ranks 1..N of a node: None keeps the
+    # installed branch (T1); a regression passes its era's branch, a function of the model.
+    non_rank0_branch: Callable | None = None
+    # transformers `_initialize_missing_keys`, ranks 1..N: run `initialize_weights()` so `_init_weights`
+    # recomputes the non-persistent buffers (installed behaviour)
+    recompute_non_persistent: bool = True
+    init_values: bool = True  # T2
+    share_buffers: bool = True  # T3
+    # A1: "broadcast" (fixed) or "rank-local" (each rank keeps its own copy, no broadcast)
+    persistent_buffers: str = "broadcast"
+    broadcast_non_persistent: bool = True  # A2
+
+
+FIXED = Variant()
+
+
+def _swap(target, name: str, value) -> Callable[[], None]:
+    old = getattr(target, name)
+    setattr(target, name, value)
+    return lambda: setattr(target, name, old)
+
+
+@contextlib.contextmanager
+def patched(variant: Variant) -> Iterator[None]:
+    """Install `variant` into transformers and accelerate for the duration."""
+    import accelerate.accelerator
+    import accelerate.utils
+    from accelerate.utils import fsdp_utils
+    from transformers import modeling_utils
+
+    model_cls = modeling_utils.PreTrainedModel
+    prepare = _prepare_model(variant, fsdp_utils.fsdp2_prepare_model)
+    undo = [
+        _swap(model_cls, "_move_missing_keys_from_meta_to_device", _move_missing_keys(variant, model_cls._move_missing_keys_from_meta_to_device)),
+        _swap(model_cls, "_initialize_missing_keys", _initialize_missing_keys(variant, model_cls._initialize_missing_keys)),
+        _swap(fsdp_utils, "fsdp2_load_full_state_dict", _load_full_state_dict(variant, fsdp_utils.fsdp2_load_full_state_dict)),
+        # the CPU path calls fsdp_utils.fsdp2_prepare_model; Accelerator.prepare its own import of it
+        _swap(fsdp_utils, "fsdp2_prepare_model", prepare),
+        _swap(accelerate.utils, "fsdp2_prepare_model", prepare),
+        _swap(accelerate.accelerator, "fsdp2_prepare_model", prepare),
+    ]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+def _non_loading_rank() -> bool:
+    """transformers' own test for ranks 1..N of a node under cpu_ram_efficient_loading."""
+    from transformers import modeling_utils
+
+    return modeling_utils.is_fsdp_enabled() and not modeling_utils.is_local_dist_rank_0()
+
+
+# --- transformers: PreTrainedModel._move_missing_keys_from_meta_to_device (T1, T2, T3) ---
+
+
+def _move_missing_keys(variant: Variant, installed):
+    def _move_missing_keys_from_meta_to_device(self, missing_keys, device_map, device_mesh, hf_quantizer):
+        from transformers import modeling_utils
+
+        if modeling_utils.is_deepspeed_zero3_enabled() and hf_quantizer is None:
+            return installed(self, missing_keys, device_map, device_mesh, hf_quantizer)
+        shared = shared_buffer_names(self) if variant.share_buffers else []
+        non_loading = _non_loading_rank() and hf_quantizer is None
+        _log_branch(self, non_loading)
+        if non_loading and variant.non_rank0_branch is not None:
+            variant.non_rank0_branch(self)  # a regression's era
+        else:
+            installed(self, missing_keys, device_map, device_mesh, hf_quantizer)  # T1 on ranks 1..N
+        for names in shared:  # T3
+            share_buffer(self, names)
+        if variant.init_values and not non_loading:  # T2
+            copy_init_values(self)
+
+    return _move_missing_keys_from_meta_to_device
+
+
+BRANCH_LOG = "fsdp-load-checks loader:"
+
+
+def _log_branch(model, non_loading: bool) -> None:
+    """One line in the rank's log saying which transformers branch this load took.
+
+    A rank other than LOCAL_RANK 0 that did not take the non-loading-rank
+    branch is not exercising cpu_ram_efficient_loading at all (the env
+    flags were lost), and every verdict on it says nothing about the loader.
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank in (None, "0"):
+        return
+    where = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if non_loading:
+        sys.stderr.write(f"{BRANCH_LOG} {where}: non-loading-rank branch (LOCAL_RANK {local_rank})\n")
+    else:
+        flags = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+        sys.stderr.write(f"{BRANCH_LOG} {where}: loading-rank branch on LOCAL_RANK {local_rank}, env {flags}\n")
+    sys.stderr.flush()
+
+
+def copy_init_values(model) -> None:
+    """T2: fill the loading rank's non-persistent placeholders with their `__init__` values.
+
+    In place, before `_init_weights` runs: buffers it knows it still
+    recomputes; one it forgets keeps its `__init__` value instead of
+    `torch.empty_like` garbage.
+    """
+    import torch
+
+    wanted = init_non_persistent(type(model), model.config, model.config.dtype)
+    with torch.no_grad():
+        for name, buf in model.named_buffers(remove_duplicate=False):
+            value = wanted.get(name)
+            if value is None or buf.device.type == "meta" or buf.shape != value.shape:
+                continue
+            buf.copy_(value)
+
+
+# --- transformers: PreTrainedModel._initialize_missing_keys ---
+
+
+def _initialize_missing_keys(variant: Variant, installed):
+    def _initialize_missing_keys(self, is_quantized):
+        if not variant.recompute_non_persistent and _non_loading_rank():
+            return None  # a regression: ranks 1..N skip initialize_weights() altogether
+        return installed(self, is_quantized)
+
+    return _initialize_missing_keys
+
+
+# --- accelerate: fsdp2_load_full_state_dict (A1) ---
+
+
+def _load_full_state_dict(variant: Variant, installed):
+    def fsdp2_load_full_state_dict(accelerator, model, full_sd: dict, cpu_offload: bool = False):
+        """The installed function for the parameters; persistent buffers broadcast from rank 0 around it (A1).
+
+        The installed function reads `.device_mesh` from every state-dict
+        entry and raises AttributeError on the first buffer (issue 3898). The
+        buffers are marked non-persistent for the duration of the call, so
+        neither its `state_dict()` nor its strict `load_state_dict` sees them;
+        then, in state-dict order, rank 0 broadcasts each (in the dtype the
+        prepared model holds it in) and every rank keeps it whole.
+        """
+        import torch
+        import torch.distributed as dist
+
+        buffers = persistent_buffer_names(model)
+        owners = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in buffers]
+        for module, attr in owners:
+            module._non_persistent_buffers_set.add(attr)
+        try:
+            model = installed(accelerator, model, full_sd, cpu_offload)
+        finally:
+            for module, attr in owners:
+                module._non_persistent_buffers_set.discard(attr)
+        for name in buffers:
+            meta = model.get_buffer(name)
+            dtype = meta.dtype if meta.is_floating_point() else None
+            if accelerator.is_main_process or variant.persistent_buffers != "broadcast":
+                # rank 0's own copy; a regression ("rank-local"): every rank's own pre-preparation copy
+                value = full_sd[name].detach().to(accelerator.device)
+                value = value.to(dtype) if dtype is not None else value
+                value = value.contiguous()
+            else:
+                value = torch.empty(meta.shape, device=accelerator.device, dtype=meta.dtype)
+            if variant.persistent_buffers == "broadcast":
+                dist.broadcast(value, src=0, group=dist.group.WORLD)
+            set_tensor(model, name, value.to("cpu") if cpu_offload else value)
+        return model
+
+    return fsdp2_load_full_state_dict
+
+
+def persistent_buffer_names(model) -> list[str]:
+    """State-dict keys that are buffers, in state-dict order."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return [name for name in model.state_dict() if name in buffers]
+
+
+# --- accelerate: fsdp2_prepare_model (A2, T3) ---
+
+
+def _prepare_model(variant: Variant, installed):
+    def fsdp2_prepare_model(accelerator, model):
+        """accelerate's own preparation, then every non-persistent buffer fixed up under all its names.
+
+        Upstream deep-copies each rank's non-persistent buffers (one name per
+        tensor), moves the model to meta and re-registers those copies. A2:
+        every rank then takes rank 0's value instead. T3: a buffer shared by
+        several modules goes back under every name (`model.to("meta")`
+        splits the sharing, and only the first name was saved).
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule) or not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            return installed(accelerator, model)
+        names = non_persistent_names(model)
+        groups: dict[int, list[str]] = {}
+        for name, buf in model.named_buffers(remove_duplicate=False):
+            if name in names:
+                groups.setdefault(id(buf), []).append(name)
+        model = installed(accelerator, model)
+        shared = [g if variant.share_buffers else g[:1] for g in groups.values()]
+        if variant.broadcast_non_persistent:
+            broadcast_non_persistent(accelerator, model, shared)
+        else:  # each rank keeps the copy accelerate re-registered under the first name
+            for group in shared:
+                value = model.get_buffer(group[0])
+                for name in group[1:]:
+                    set_tensor(model, name, value)
+        return model
+
+    return fsdp2_prepare_model
+
+
+def broadcast_non_persistent(accelerator, model, groups: list[list[str]]) -> None:
+    """A2: every rank ends with rank 0's non-persistent buffers: same values, same dtype, shared as on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    # shapes and dtypes from rank 0, so a rank that got them wrong (a cast, a placeholder) cannot desynchronise
+    meta = [[(g, tuple(t.shape), t.dtype) for g in groups for t in [model.get_buffer(g[0])]]] if rank0 else [None]
+    dist.broadcast_object_list(meta, src=0)
+    for group, shape, dtype in meta[0]:
+        if rank0:
+            value = model.get_buffer(group[0]).detach().to(accelerator.device).contiguous()
+        else:
+            value = torch.empty(shape, dtype=dtype, device=accelerator.device)
+        if value.numel():
+            raw = value.view(-1).view(torch.uint8)  # bytes: gloo has no bool, and dtypes need not match
+            dist.broadcast(raw, src=0)
+        for name in group:
+            set_tensor(model, name, value)

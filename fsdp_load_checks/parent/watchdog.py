@@ -1,0 +1,114 @@
+"""The parent's wall clock over a launch: ranks report where they are, the parent decides when they hang.
+
+Each rank rewrites its progress file (pid, case, phase, collectives
+announced) at every step. A case whose ranks overstay the per-case budget
+is a hang: of the overdue ranks, those furthest behind hang and the rest
+wait for them in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsdp_load_checks.records import Phase
+from fsdp_load_checks.records.protocol import progress_path
+
+POLL_S = 0.2
+STACK_DUMP_WAIT_S = 1.0
+PEER_GRACE_S = 2.0
+
+
+@dataclass
+class Watch:
+    """What the parent saw while waiting: a hang (rank, case, phase) or a clean end."""
+
+    hung: set[int] = field(default_factory=set)  # overdue ranks furthest behind: the ones that hang
+    waiting: set[int] = field(default_factory=set)  # overdue ranks blocked on the hung ones
+    startup_timeout: bool = False
+    port_in_use: str = ""  # the rendezvous endpoint a torchrun agent could not listen on
+
+
+def read_progress(out_dir: Path, rank: int) -> dict | None:
+    """The rank's last progress state ({pid, case, phase, step, since}), or None before it wrote one."""
+    try:
+        return json.loads(progress_path(out_dir, rank).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def position(state: dict | None) -> tuple[int, int]:
+    """(phase, collectives announced): comparable across ranks in the same case."""
+    state = state or {}
+    return (Phase.order(state.get("phase", Phase.STARTUP)), int(state.get("step", 0)))
+
+
+def split_overdue(overdue: list[int], states: dict[int, dict | None]) -> Watch:
+    """Of the ranks stuck in one case, those furthest behind hang; the rest wait for them in a collective."""
+    behind = min(position(states[r]) for r in overdue)
+    hung = {r for r in overdue if position(states[r]) == behind}
+    return Watch(hung=hung, waiting=set(overdue) - hung)
+
+
+def dump_stacks(out_dir: Path, world_size: int) -> None:
+    """Ask each live rank for its Python stacks (faulthandler on SIGUSR1 writes them to its log)."""
+    sent = False
+    for rank in range(world_size):
+        state = read_progress(out_dir, rank)
+        if state and state.get("phase") != Phase.EXIT:
+            try:
+                os.kill(int(state["pid"]), signal.SIGUSR1)
+                sent = True
+            except (ProcessLookupError, PermissionError):
+                pass
+    if sent:
+        time.sleep(STACK_DUMP_WAIT_S)
+
+
+def wait(procs: list[subprocess.Popen], out_dir: Path, cfg, on_progress: Callable | None) -> Watch:
+    """Poll until torchrun exits or a rank overstays its case (or start-up) budget.
+
+    `cfg` is the launch's `parent.launch.LaunchConfig`; `on_progress(case, rank)`
+    is called once per case each rank finishes.
+    """
+    seen: dict[int, tuple[str, float]] = {}
+    started = time.monotonic()
+    done_cases: set[tuple[str, int]] = set()
+    first_dead = None
+    while any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
+        now = time.monotonic()
+        if first_dead is None and any(p.poll() not in (None, 0) for p in procs):
+            first_dead = now
+        if first_dead is not None and now - first_dead > cfg.control_timeout_s + PEER_GRACE_S:
+            # one node's agent failed: the other agents can only wait for it (a rendezvous that never
+            # completes, or collectives with missing peers); give their ranks time to write, then stop
+            return Watch()
+        states = {r: read_progress(out_dir, r) for r in range(cfg.world_size)}
+        if on_progress:
+            for r, s in states.items():
+                if s and s["phase"] == Phase.DONE and (s["case"], r) not in done_cases:
+                    done_cases.add((s["case"], r))
+                    on_progress(s["case"], r)
+        hung = []
+        for r, s in states.items():
+            if s is None or s["phase"] in (Phase.STARTUP, Phase.EXIT):
+                continue
+            case = s["case"]
+            if seen.get(r, ("", 0.0))[0] != case:
+                seen[r] = (case, now)
+            if now - seen[r][1] > cfg.case_timeout_s:
+                hung.append(r)
+        if hung:
+            # judge every live rank, not only the first overdue: the one that hangs may have entered later
+            live = [r for r, s in states.items() if (s or {}).get("phase") != Phase.EXIT]
+            return split_overdue(live, states)
+        if len(seen) < cfg.world_size and now - started > cfg.startup_timeout_s:
+            return Watch(startup_timeout=True)
+    return Watch()

@@ -1,0 +1,68 @@
+"""Entry point of one rank, started by torchrun: `python -m fsdp_load_checks.rank SPEC_JSON`.
+
+Runs the launch's batch of cases in order and writes one result file per
+(case, rank), atomically; ends with `os._exit` once the results are flushed.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from fsdp_load_checks.rank.case import in_step, run_case
+from fsdp_load_checks.rank.progress import Progress
+from fsdp_load_checks.records import LaunchSpec, Phase
+from fsdp_load_checks.records.protocol import EXIT_DIVERGED, log_path, result_path
+
+PG_TIMEOUT_MARGIN_S = 60.0
+
+
+def main(argv: list[str]) -> None:
+    spec = LaunchSpec.load(Path(argv[0]))
+    out_dir = Path(spec.out_dir)
+    rank = int(os.environ["RANK"])
+    log = open(log_path(out_dir, rank), "a", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
+    progress = Progress(out_dir, rank)
+    progress(Phase.STARTUP)
+
+    import torch
+    import torch.distributed as dist
+
+    from fsdp_load_checks import observe
+    from fsdp_load_checks.rank.prepare import make_accelerator, set_env_flags
+
+    if spec.backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # longer than the parent's per-case watchdog, so a hang is reported by the parent, naming the rank behind,
+    # rather than as a collective timeout on the rank that was waiting for it
+    dist.init_process_group(spec.backend, timeout=timedelta(seconds=spec.case_timeout_s + PG_TIMEOUT_MARGIN_S))
+    set_env_flags()
+    accelerator = make_accelerator(device) if spec.tasks else None  # an empty launch only proves the rendezvous
+
+    code = 0
+    for index, task in enumerate(spec.tasks):
+        obs = run_case(task, spec, accelerator, device, progress)
+        observe.write(obs, str(result_path(out_dir, task.case, rank)))
+        progress(Phase.DONE, task.case)
+        if not in_step(obs, index, spec):
+            code = EXIT_DIVERGED
+            break
+    progress(Phase.EXIT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log.flush()
+    # interpreter teardown after gloo occasionally aborts (SIGABRT); the results are already on disk
+    os._exit(code)
+
+
+main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""One case on one rank: loader under test -> `from_pretrained` -> FSDP2 prepare -> observe -> forward.
+
+After each case the ranks compare notes through the rendezvous store: if
+one failed and the others did not (or cannot answer), continuing could
+leave collectives mismatched, so the rank exits non-zero, torchrun stops its
+peers, and the parent relaunches the cases left.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from datetime import timedelta
+
+from fsdp_load_checks.records import LaunchSpec, Observation, Phase, RankTask
+
+
+class HarnessError(RuntimeError):
+    """The rank is not exercising the path under test: a bug of the suite, never a verdict on the loader."""
+
+
+def assert_path_under_test() -> None:
+    """transformers must see FSDP + cpu_ram_efficient_loading, or every check passes vacuously.
+
+    accelerate's plugin rewrites the env flags as a side effect (see prepare.fresh_plugin); this
+    catches that, and anything like it, on every case, on every rank.
+    """
+    from transformers.modeling_utils import is_fsdp_enabled
+
+    if not is_fsdp_enabled():
+        flags = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+        raise HarnessError(f"transformers does not see FSDP cpu_ram_efficient_loading enabled ({flags}): harness bug")
+
+
+def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) -> Observation:
+    """Everything this rank observed for one case; an exception is recorded with its phase, never raised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_load_checks import loaders, observe
+    from fsdp_load_checks.catalogue import import_all
+    from fsdp_load_checks.checkpoints import model_bytes
+    from fsdp_load_checks.poison import poisoned
+    from fsdp_load_checks.rank.memory import Sampler
+    from fsdp_load_checks.rank.prepare import prepare_fsdp2
+    from fsdp_load_checks.records import MemoryProfile
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    obs = Observation(case=task.case, rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    obs.versions = observe.stack_versions()
+    obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=spec.poison)
+    phase = Phase.IMPORT
+    model = None
+    try:
+        with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
+            import_all(tuple(task.imports))
+            with loaders.get(spec.loader).patch():
+                phase = Phase.FROM_PRETRAINED
+                progress(phase, task.case, task.fault)
+                memory.phase(phase)
+                assert_path_under_test()
+                torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
+                with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
+                    model = AutoModelForCausalLM.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
+                phase = Phase.FSDP2_PREPARE
+                progress(phase)
+                memory.phase(phase)
+                model = prepare_fsdp2(accelerator, model, device)
+            phase = Phase.OBSERVE
+            progress(phase)
+            memory.phase(phase)
+            obs.tensors, obs.ties = observe.observe_tensors(model, before_gather=progress.tick)
+            phase = Phase.FORWARD
+            progress(phase)
+            memory.phase(phase)
+            obs.logits = observe.forward_logits(model, device)
+    except Exception as exc:  # recorded with the rank and phase; the parent decides
+        obs.failure = observe.failure_from(exc, rank, phase)
+    finally:
+        del model
+        accelerator.free_memory()  # drops the references Accelerator.prepare keeps
+        gc.collect()
+    return obs
+
+
+def in_step(obs: Observation, index: int, spec: LaunchSpec) -> bool:
+    """True when every rank ended case `index` the same way (all fine, or all raised the same).
+
+    Statuses go through the rendezvous store, not a collective: a peer stuck
+    in a broadcast never answers, and a rank that failed gives up after
+    `control_timeout_s` instead of waiting for the process-group timeout.
+    """
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    mine = "ok" if obs.ok else f"{obs.failure.exc_type}@{obs.failure.phase}"
+    keys = [f"fsdp-load-checks/status/{index}/{r}" for r in range(dist.get_world_size())]
+    store.set(keys[dist.get_rank()], mine)
+    try:
+        store.wait(keys, timedelta(seconds=spec.case_timeout_s if obs.ok else spec.control_timeout_s))
+    except Exception:
+        return False
+    return all(store.get(k).decode() == mine for k in keys)

@@ -1,0 +1,59 @@
+"""The bottom layer: plain data that crosses process boundaries, and the parent/rank protocol.
+
+Nothing here imports the rest of the project (an import-linter contract in
+pyproject.toml keeps it so), and nothing here imports torch: tensors appear
+only as field values, annotated lazily. Every other module, the toy models
+included, may import from here; this layer imports nothing back.
+
+  case.py         Case: the recipe for a checkpoint, and the tags known issues select by
+  observation.py  what a process saw: TensorRecord, Failure, memory per phase, Observation
+  outcome.py      what the parent concluded: LostRank, CaseRun, Problem, Verdict, Outcome, CaseResult
+  protocol.py     the parent/rank protocol: RankTask, LaunchSpec, run-directory paths, exit codes
+  enums.py        Phase, TensorKind, ProblemKind, LostHow, Status, Against
+"""
+
+from fsdp_load_checks.records.case import BIG, PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records.enums import Against, LostHow, Phase, ProblemKind, Status, TensorKind
+from fsdp_load_checks.records.observation import Failure, MemoryProfile, Observation, PhaseMemory, TensorRecord
+from fsdp_load_checks.records.outcome import (
+    CaseResult,
+    CaseRun,
+    Difference,
+    KnownIssue,
+    LostRank,
+    MemoryExcess,
+    Outcome,
+    Problem,
+    Symptom,
+    Verdict,
+)
+from fsdp_load_checks.records.protocol import LaunchSpec, RankTask
+
+__all__ = [
+    "BIG",
+    "PERSISTENT_BUFFER",
+    "Against",
+    "Case",
+    "CaseResult",
+    "CaseRun",
+    "Difference",
+    "Failure",
+    "KnownIssue",
+    "LaunchSpec",
+    "LostHow",
+    "LostRank",
+    "MemoryExcess",
+    "MemoryProfile",
+    "Observation",
+    "Outcome",
+    "Phase",
+    "PhaseMemory",
+    "Problem",
+    "ProblemKind",
+    "RankTask",
+    "Status",
+    "Symptom",
+    "TensorKind",
+    "TensorRecord",
+    "Verdict",
+]

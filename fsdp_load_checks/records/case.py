@@ -1,0 +1,48 @@
+"""What a case is: a recipe for a checkpoint, looked up by name in every process."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# Tags a known issue can select cases by (fsdp_load_checks/known_issues.py). A tag that names a
+# kind of tensor may come with the names of those tensors in `Case.tensors`, so an issue's symptom
+# can match exactly the tensors the bug affects in that case.
+PERSISTENT_BUFFER = "persistent-buffer"  # the model holds a persistent buffer (accelerate 3898)
+BIG = "big"  # hundreds of MiB: the size class the memory check can judge
+FORGOTTEN_BUFFER = "forgotten-non-persistent-buffer"  # a non-persistent buffer _init_weights does not recompute
+FORGOTTEN_FLOAT_BUFFER = "forgotten-float-non-persistent-buffer"  # ... a floating one (poisoned: NaN)
+SHARED_NON_PERSISTENT = "shared-non-persistent-buffer"  # one non-persistent tensor under two module names
+ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persistent buffer on the top-level model
+USER = "user"  # a user's checkpoint directory
+
+
+@dataclass(frozen=True)
+class Case:
+    """A checkpoint recipe: a config built in code, a seed, a dtype, edits to the saved file.
+
+    Only the name crosses process boundaries; every process rebuilds the
+    catalogue and finds the case by name (fsdp_load_checks/catalogue.py).
+    """
+
+    name: str
+    guards: str  # one line: the bug this case would catch
+    config: Callable[[], object]  # returns a transformers PretrainedConfig
+    imports: tuple[str, ...] = ()  # modules that register the architecture (toy models)
+    dtype: str = "float32"
+    seed: int = 0
+    drop_keys: tuple[str, ...] = ()  # checkpoint keys removed after saving (missing on load)
+    extra_keys: tuple[str, ...] = ()  # keys added to the checkpoint (unexpected on load)
+    tags: frozenset[str] = field(default_factory=frozenset)
+    # tag -> names of the tensors it is about (e.g. FORGOTTEN_BUFFER -> the forgotten buffers' names)
+    tensors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    fault: str | None = None  # harness self-tests: a fault to inject into one rank (fsdp_load_checks/rank/faults.py)
+    checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
+
+    def with_tags(self, *tags: str, tensors: Mapping[str, tuple[str, ...]] | None = None) -> Case:
+        """This case with more tags; `tensors` maps a tag (added too) to the names of the tensors it is about."""
+        named = {tag: tuple(names) for tag, names in (tensors or {}).items()}
+        return dataclasses.replace(
+            self, tags=self.tags | frozenset(tags) | frozenset(named), tensors={**self.tensors, **named}
+        )

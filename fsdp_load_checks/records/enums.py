@@ -1,0 +1,97 @@
+"""The closed vocabularies of the records: phases, tensor kinds, kinds of problem, outcome statuses.
+
+Each is a `str` enum whose value is the word reports print, so a member
+compares equal to its word, survives JSON as that word, and formats as it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class _Word(str, Enum):
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Phase(_Word):
+    """Where a process is in a case, in the order a rank goes through them (`Phase.order`)."""
+
+    STARTUP = "startup"
+    IMPORT = "import"
+    FROM_PRETRAINED = "from_pretrained"
+    FSDP2_PREPARE = "fsdp2_prepare"
+    OBSERVE = "observe"
+    FORWARD = "forward"
+    DONE = "done"
+    EXIT = "exit"
+    INIT_BUFFERS = "__init__ buffers"  # the reference process only: the model's own __init__ values
+
+    @classmethod
+    def order(cls, phase: str) -> int:
+        """Position in a rank's run; unknown words (an older rank, a typo) count as start-up."""
+        return _RANK_ORDER.index(phase) if phase in _RANK_ORDER else 0
+
+
+_RANK_ORDER = ("startup", "import", "from_pretrained", "fsdp2_prepare", "observe", "forward", "done", "exit")
+
+
+class TensorKind(_Word):
+    PARAMETER = "parameter"
+    BUFFER = "persistent buffer"
+    NON_PERSISTENT = "non-persistent buffer"
+
+
+class Against(_Word):
+    """What a rank's tensor was compared with."""
+
+    RANK0 = "rank 0's"
+    PLAIN_LOAD = "the single-process load"
+
+
+class ProblemKind(_Word):
+    """What is wrong, one word each; `Problem` carries the figures."""
+
+    REFERENCE_FAILED = "reference-failed"  # the single-process load raised: nothing to compare with
+    RAISED = "raised"  # a rank raised (Problem.failure)
+    LOST = "lost"  # a rank wrote no result: hung, died, stopped (Problem.lost)
+    NON_FINITE = "non-finite"  # NaN or Inf in a tensor or in the logits
+    MISSING = "missing"  # the reference has a tensor the rank does not
+    UNEXPECTED = "unexpected"  # the rank has a tensor the reference does not
+    DTYPE = "dtype"
+    SHAPE = "shape"
+    ON_META = "on-meta"  # never materialised
+    VALUES = "values"  # same dtype and shape, different bytes (Problem.difference)
+    UNTIED = "untied"  # parameters tied in the reference are separate tensors on a rank
+    NO_LOGITS = "no-logits"
+    LOGITS_SHAPE = "logits-shape"
+    LOGITS = "logits"  # logits beyond the dtype's tolerance (Problem.difference)
+    NO_MEMORY = "no-memory"  # a rank recorded no memory for the phase the check bounds
+    MEMORY = "memory"  # a rank committed more than its bound (Problem.memory)
+
+
+class LostHow(_Word):
+    """Why a rank wrote no result, from most to least to blame (the report lists ranks in this order)."""
+
+    HUNG = "hung"
+    DIED = "died"
+    NEVER_STARTED = "never-started"  # the rendezvous port stayed taken
+    STARTUP_TIMEOUT = "startup-timeout"
+    BLOCKED = "blocked"  # waiting in a collective for a rank that hung
+    STOPPED = "stopped"  # torn down after a peer failed
+
+    @property
+    def blames_a_peer(self) -> bool:
+        return self in (LostHow.BLOCKED, LostHow.STOPPED)
+
+
+class Status(_Word):
+    """A (case, check) outcome, as pytest names them."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    XFAILED = "xfailed"
+    SKIPPED = "skipped"

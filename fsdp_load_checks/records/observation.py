@@ -1,0 +1,99 @@
+"""What a process saw in its model: the records a rank (or the reference process) writes for the parent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fsdp_load_checks.records.enums import Phase, TensorKind
+
+if TYPE_CHECKING:  # field values only; this layer never imports torch
+    import torch
+
+
+@dataclass
+class TensorRecord:
+    """One parameter or buffer under one of its names.
+
+    `digest` decides equality (sha256 of the raw bytes, so equal digests mean
+    bit-equal tensors, and "meta" for a tensor never materialised); `value`
+    or `sample` only describe a difference.
+    """
+
+    name: str
+    kind: TensorKind
+    dtype: str  # torch dtype without the "torch." prefix
+    shape: tuple[int, ...]
+    device: str
+    nan: int
+    inf: int
+    digest: str
+    value: torch.Tensor | None  # the full tensor on CPU, up to observe.VALUE_LIMIT_BYTES
+    sample: torch.Tensor | None = None  # evenly strided elements, for bigger tensors
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Failure:
+    """An exception a process raised, with the phase it was in; rank -1 is the reference process."""
+
+    rank: int
+    phase: Phase
+    exc_type: str
+    message: str  # the exception's first line
+    traceback: str
+
+
+@dataclass
+class PhaseMemory:
+    """Host memory over one phase, in bytes (RssAnon: anonymous resident pages)."""
+
+    start: int
+    end: int
+    peak: int  # highest sample in between
+    cuda_peak: int | None = None  # torch.cuda.max_memory_allocated in the phase
+
+    @property
+    def committed(self) -> int:
+        """What the phase added at its worst: the figure the memory check bounds."""
+        return max(self.peak - self.start, 0)
+
+
+@dataclass
+class MemoryProfile:
+    source: str = "RssAnon"
+    model_bytes: int = 0  # size of the checkpoint's safetensors files
+    local_rank: int = 0  # transformers' loading rank is LOCAL_RANK 0 (one per node)
+    poisoned: bool = False  # uninitialised memory was NaN-filled: figures are inflated, the check is skipped
+    phases: dict[str, PhaseMemory] = field(default_factory=dict)  # Phase value -> figures
+    trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
+    marks: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, phase that began)
+
+
+@dataclass
+class Observation:
+    """Everything one process recorded for one case; rank -1 is the single-process reference."""
+
+    case: str
+    rank: int
+    world_size: int
+    tensors: dict[str, TensorRecord] = field(default_factory=dict)
+    ties: list[tuple[str, ...]] = field(default_factory=list)  # names sharing one parameter
+    logits: torch.Tensor | None = None  # float32, (batch, seq, vocab)
+    missing_keys: tuple[str, ...] = ()  # reference only: keys the checkpoint did not have
+    # reference only: non-persistent buffers whose plain-load value differs from the model's own
+    # __init__ value (the plain-load record is kept here; `tensors` holds the __init__ value)
+    init_mismatch: dict[str, TensorRecord] = field(default_factory=dict)
+    memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
+    failure: Failure | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # package -> version
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None

@@ -1,0 +1,71 @@
+"""The parent/rank protocol: what the parent writes for a launch and where every file of it lives.
+
+The parent writes `spec.json`; each rank writes its progress file (where it
+is, for the watchdog), its log, and one result file per case, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+EXIT_DIVERGED = 3  # ranks disagreed about a case; the parent relaunches what is left
+
+
+@dataclass
+class RankTask:
+    case: str
+    checkpoint: str  # directory
+    dtype: str
+    imports: list[str] = field(default_factory=list)
+    seed: int = 0
+    fault: str | None = None  # harness self-tests only: see fsdp_load_checks/rank/faults.py
+
+
+@dataclass
+class LaunchSpec:
+    """Written by the parent as JSON; read by every rank."""
+
+    tasks: list[RankTask]
+    out_dir: str
+    loader: str = "stock"
+    backend: str = "gloo"
+    case_timeout_s: float = 120.0
+    control_timeout_s: float = 5.0  # how long a rank that raised waits to learn whether its peers did too
+    poison: bool = False  # poison uninitialised memory on every rank, not only rank 0
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> LaunchSpec:
+        raw = json.loads(Path(path).read_text())
+        raw["tasks"] = [RankTask(**t) for t in raw["tasks"]]
+        return cls(**raw)
+
+
+def spec_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "spec.json"
+
+
+def result_path(out_dir: Path, case: str, rank: int) -> Path:
+    return Path(out_dir) / f"{case}.rank{rank}.pt"
+
+
+def progress_path(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / f"rank{rank}.progress"
+
+
+def log_path(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / f"rank{rank}.log"
+
+
+def launch_log(out_dir: Path, node: int) -> Path:
+    """torchrun's own output, one file per agent (simulated node)."""
+    return Path(out_dir) / ("launch.log" if node == 0 else f"launch.node{node}.log")
+
+
+def reference_path(root: Path, case_name: str) -> Path:
+    """The single-process reference observation of a case, under a run's root."""
+    return Path(root) / "reference" / f"{case_name}.pt"

@@ -1,0 +1,50 @@
+"""The plain load: `from_pretrained` with no FSDP, no env flags; what "correct" means for every rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fsdp_load_checks import observe
+from fsdp_load_checks.catalogue import import_all
+from fsdp_load_checks.poison import poisoned
+from fsdp_load_checks.records import Case, Observation, Phase, TensorKind
+from fsdp_load_checks.tensors import init_non_persistent, set_tensor
+
+
+def observe_plain(case: Case, path: Path) -> Observation:
+    """The single-process observation (rank -1), with each non-persistent buffer at its `__init__` value.
+
+    transformers 5 restores non-persistent buffers only through
+    `_init_weights`; where even this load loses one, the record is kept in
+    `init_mismatch` and `tensors` holds the value the model's `__init__`
+    computes (tensors.init_non_persistent), so the checks judge ranks
+    against what the model's author meant.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import_all(case.imports)
+    obs = Observation(case=case.name, rank=-1, world_size=1, versions=observe.stack_versions())
+    dtype = getattr(torch, case.dtype)
+    phase = Phase.FROM_PRETRAINED
+    try:
+        torch.manual_seed(case.seed)  # keys missing from the checkpoint draw what rank 0 draws
+        with poisoned():
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        obs.missing_keys = tuple(sorted(info.get("missing_keys", ())))
+        phase = Phase.OBSERVE
+        obs.tensors, obs.ties = observe.observe_tensors(model)
+        phase = Phase.INIT_BUFFERS
+        for name, value in init_non_persistent(type(model), model.config, dtype).items():
+            want = observe.record(name, TensorKind.NON_PERSISTENT, value)
+            got = obs.tensors.get(name)
+            if got is not None and got.digest != want.digest:
+                obs.init_mismatch[name] = got  # what the plain load gave; the intended value replaces it
+                obs.tensors[name] = want
+                set_tensor(model, name, want.value.clone())  # so the reference logits are right too
+        phase = Phase.FORWARD
+        obs.logits = observe.forward_logits(model, torch.device("cpu"))
+    except Exception as exc:  # recorded: the parent reports it against the case
+        obs.failure = observe.failure_from(exc, -1, phase)
+    return obs

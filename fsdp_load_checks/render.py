@@ -1,0 +1,186 @@
+"""Problems, verdicts and outcomes as text: the one place sentences are made.
+
+Checks and known issues deal in `Problem` records; the reports, the pytest
+items and the CLI call these functions. Lines read
+"CASE: rank R KIND NAME ..." so a failure names the case, the rank and the
+tensor even when pasted alone.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from fsdp_load_checks.checks import plain_load_notes
+from fsdp_load_checks.records import (
+    CaseRun,
+    Difference,
+    Failure,
+    LostHow,
+    LostRank,
+    Observation,
+    Outcome,
+    Problem,
+    ProblemKind,
+    Status,
+    Verdict,
+)
+
+MiB = 1 << 20
+
+
+def failure_line(failure: Failure) -> str:
+    return f"rank {failure.rank} raised {failure.exc_type}: {failure.message} (during {failure.phase})"
+
+
+def lost_line(lost: LostRank) -> str:
+    """rank R <how> during PHASE of CASE[, exit code C (SIGNAL)]."""
+    how = {
+        LostHow.HUNG: f"hung for more than {lost.timeout_s:g}s (killed; Python stacks in its log)",
+        LostHow.BLOCKED: f"was blocked waiting for rank {', '.join(map(str, lost.behind))} (killed)",
+        LostHow.NEVER_STARTED: (
+            f"never started: rendezvous port {lost.port} was in use {lost.port_tries} times in a row "
+            "(another program is binding ports as fast as we pick them; free some ports or retry)"
+        ),
+        LostHow.STARTUP_TIMEOUT: f"did not start within {lost.timeout_s:g}s",
+        LostHow.DIED: "died",
+        LostHow.STOPPED: "was stopped after a peer failed",
+    }[lost.how]
+    phase = f"{lost.phase}" if lost.phase_case in ("", lost.case) else f"{lost.phase} (of {lost.phase_case})"
+    code = "" if lost.exit_code is None else f", exit code {lost.exit_code}"
+    signame = ""
+    if lost.exit_code is not None and lost.exit_code < 0:
+        try:
+            signame = f" ({signal.Signals(-lost.exit_code).name})"
+        except ValueError:
+            pass
+    return f"rank {lost.rank} {how} during {phase} of {lost.case}{code}{signame}"
+
+
+def difference_text(d: Difference, numel: int) -> str:
+    if d.digests_only:
+        return "digests differ"
+    if d.sample_equal:
+        core = "sample equal, bytes differ"
+    elif d.numel == 0:
+        core = "contents differ"
+    else:
+        core = f"{d.mismatched}/{d.numel} elements differ, max |diff| at [{d.index}]: {d.got:.6g} vs {d.want:.6g}"
+    if d.sampled:
+        return f"sampled {d.sampled} of {numel} elements (tensor too big to keep): {core}"
+    return core
+
+
+def _memory_text(p: Problem) -> str:
+    m = p.memory
+    role = "the loading rank (LOCAL_RANK 0)" if m.loading else "a rank that only receives rank 0's weights"
+    return (
+        f"committed {m.committed / MiB:.1f} MiB ({m.multiple:.2f}x the {m.model_bytes / MiB:.1f} MiB model) "
+        f"during {m.phase}; {role} may commit at most {m.bound:g}x ({m.source}, peak over the phase)"
+    )
+
+
+def _non_finite_text(p: Problem) -> str:
+    subject = "logits have" if p.tensor == "logits" else f"{p.tensor_kind} {p.tensor} has"
+    return f"{subject} {p.nan} NaN and {p.inf} Inf of {p.numel}"
+
+
+# kind -> what follows "rank R " (the rank's own problems)
+_RANK_TEXT = {
+    ProblemKind.NON_FINITE: _non_finite_text,
+    ProblemKind.MISSING: lambda p: f"has no {p.tensor_kind} {p.tensor} (the reference has it)",
+    ProblemKind.UNEXPECTED: lambda p: f"has {p.tensor_kind} {p.tensor} that the reference does not have",
+    ProblemKind.DTYPE: lambda p: f"{p.tensor_kind} {p.tensor} has dtype {p.got}, {p.against} has {p.want}",
+    ProblemKind.SHAPE: lambda p: f"{p.tensor_kind} {p.tensor} has shape {p.got}, {p.against} has {p.want}",
+    ProblemKind.ON_META: lambda p: f"{p.tensor_kind} {p.tensor} is still on the meta device (never materialised)",
+    ProblemKind.VALUES: lambda p: (
+        f"{p.tensor_kind} {p.tensor} differs from {p.against}: {difference_text(p.difference, p.numel)}"
+    ),
+    ProblemKind.UNTIED: lambda p: f"parameters {p.tensor} are no longer tied",
+    ProblemKind.NO_LOGITS: lambda p: "produced no logits",
+    ProblemKind.LOGITS_SHAPE: lambda p: f"logits shape {p.got}, reference {p.want}",
+    ProblemKind.LOGITS: lambda p: (
+        f"logits differ from the single-process load beyond rtol={p.rtol:g} atol={p.atol:g}: "
+        f"{difference_text(p.difference, p.numel)}"
+    ),
+    ProblemKind.NO_MEMORY: lambda p: f"recorded no memory for {p.phase}",
+    ProblemKind.MEMORY: _memory_text,
+}
+
+
+def problem_text(p: Problem) -> str:
+    """One problem as a sentence, without the case prefix."""
+    if p.kind == ProblemKind.REFERENCE_FAILED:
+        why = failure_line(p.failure) if p.failure else "no reference observation"
+        return f"the single-process reference load failed: {why}"
+    if p.kind == ProblemKind.RAISED:
+        return failure_line(p.failure)
+    if p.kind == ProblemKind.LOST:
+        return lost_line(p.lost)
+    return f"rank {p.rank} {_RANK_TEXT[p.kind](p)}"
+
+
+def problem_line(p: Problem) -> str:
+    """The problem as a report line: "CASE: ..."."""
+    return f"{p.case}: {problem_text(p)}"
+
+
+def lines(verdict: Verdict) -> list[str]:
+    return [problem_line(p) for p in verdict.problems]
+
+
+def note_line(p: Problem) -> str:
+    """A plain-load note (checks.plain_load_notes): the reference itself differs from the model's __init__."""
+    if p.kind == ProblemKind.ON_META:
+        detail = "still on the meta device"
+    elif p.kind == ProblemKind.SHAPE:
+        detail = f"shape {p.got} vs {p.want}"
+    elif p.kind == ProblemKind.DTYPE:
+        detail = f"dtype {p.got} vs {p.want}"
+    else:
+        detail = difference_text(p.difference, p.numel)
+    return (
+        f"note: the single-process load itself leaves {p.tensor_kind} {p.tensor} unlike the model's __init__ value "
+        f"(transformers restores it only if _init_weights recomputes it; the check compares with __init__'s): {detail}"
+    )
+
+
+BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST)
+
+
+def details(verdict: Verdict, run: CaseRun, ref: Observation | None) -> str:
+    """The long text behind a failed verdict: tracebacks and log tails of a crash, or the plain-load notes."""
+    out = []
+    for p in verdict.problems:
+        if p.kind == ProblemKind.REFERENCE_FAILED and p.failure:
+            out.append(p.failure.traceback)
+        elif p.kind == ProblemKind.RAISED:
+            out.append(f"--- rank {p.rank} traceback ---\n{p.failure.traceback}")
+        elif p.kind == ProblemKind.LOST:
+            out.append(f"--- rank {p.lost.rank} log tail ({run.launch_dir}) ---\n{p.lost.log_tail}")
+    if out or any(p.kind in BLOCKING for p in verdict.problems):
+        return "\n".join(out)
+    if verdict.check == "buffers" and verdict.problems and ref is not None:
+        return "\n".join(note_line(n) for n in plain_load_notes(ref))
+    return ""
+
+
+def outcome_message(outcome: Outcome) -> str:
+    """The text pytest and the reports show for an outcome ("" for a pass)."""
+    if outcome.status == Status.SKIPPED:
+        return outcome.skipped
+    if outcome.status == Status.PASSED:
+        return ""
+    issues = outcome.issues
+    if outcome.stale:
+        keys = ", ".join(f"{k.key} ({k.url})" for k in issues)
+        installed = ", ".join(f"{k.package} {outcome.versions.get(k.package)}" for k in issues)
+        return (
+            f"{outcome.case}/{outcome.check} passed but is registered as known issue {keys} for {installed}: "
+            "upstream fixed it, narrow the entry's version range in known_issues.py (strict xfail)"
+        )
+    text = "\n".join(problem_line(p) for p in outcome.problems)
+    if outcome.status == Status.XFAILED:
+        return f"known issue {issues[0].key} ({issues[0].url}): {problem_line(outcome.problems[0])}"
+    if issues:
+        return text + f"\n(known issue {', '.join(k.key for k in issues)} applies, but the lines above are not its symptom)"
+    return text

@@ -1,0 +1,101 @@
+"""Known issues match problems by their fields, never by rendered text; strict both ways."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from fsdp_load_checks import known_issues, render
+from fsdp_load_checks.records import (
+    Case,
+    Failure,
+    KnownIssue,
+    MemoryExcess,
+    Phase,
+    Problem,
+    ProblemKind,
+    Status,
+    Symptom,
+    TensorKind,
+    Verdict,
+)
+from fsdp_load_checks.records.case import BIG, FORGOTTEN_BUFFER, PERSISTENT_BUFFER
+
+NEWEST = {"transformers": "5.24.0", "accelerate": "1.15.0"}
+MiB = 1 << 20
+
+
+def case(*tags: str, tensors=None) -> Case:
+    return Case("c", "test", dict).with_tags(*tags, tensors=tensors)
+
+
+def crash(message="'Tensor' object has no attribute 'device_mesh'", exc="AttributeError", phase=Phase.FSDP2_PREPARE):
+    return Problem("buffers", "c", ProblemKind.RAISED, rank=1, failure=Failure(1, phase, exc, message, "tb"))
+
+
+def classify(c: Case, *problems: Problem, check="buffers", versions=NEWEST):
+    return known_issues.classify(c, Verdict("c", check, list(problems)), versions)
+
+
+def test_the_exact_exception_is_expected():
+    outcome = classify(case(PERSISTENT_BUFFER), crash())
+    assert outcome.status == Status.XFAILED and outcome.issues[0].key == "accelerate-3898"
+    assert render.outcome_message(outcome).startswith("known issue accelerate-3898 (")
+
+
+def test_another_exception_message_or_phase_in_the_same_case_still_fails():
+    for other in (crash(message="something else"), crash(exc="KeyError"), crash(phase=Phase.OBSERVE)):
+        outcome = classify(case(PERSISTENT_BUFFER), crash(), other)
+        assert outcome.status == Status.FAILED and outcome.problems == [other]
+        assert "applies, but the lines above are not its symptom" in render.outcome_message(outcome)
+
+
+def test_a_registered_bug_that_does_not_show_fails_as_stale():
+    outcome = classify(case(PERSISTENT_BUFFER))
+    assert outcome.status == Status.FAILED and outcome.stale
+    assert "passed but is registered as known issue accelerate-3898" in render.outcome_message(outcome)
+
+
+def test_outside_its_version_range_an_issue_does_not_apply():
+    memory = Problem("memory", "c", ProblemKind.MEMORY, rank=1,
+                     memory=MemoryExcess(Phase.FROM_PRETRAINED, 280 * MiB, 280 * MiB, 0.1, False, "RssAnon"))
+    assert classify(case(BIG), memory, check="memory", versions={"transformers": "5.6.0"}).status == Status.XFAILED
+    assert classify(case(BIG), memory, check="memory").status == Status.FAILED  # 5.24.0: fixed, so a new bug
+
+
+def test_a_numeric_range_bounds_the_memory_symptom():
+    def excess(multiple: float, loading: bool = False) -> Problem:
+        committed = int(multiple * 100 * MiB)
+        return Problem("memory", "c", ProblemKind.MEMORY, rank=1,
+                       memory=MemoryExcess(Phase.FROM_PRETRAINED, committed, 100 * MiB, 0.1, loading, "RssAnon"))
+
+    era = {"transformers": "5.10.0"}
+    assert classify(case(BIG), excess(1.0), check="memory", versions=era).status == Status.XFAILED
+    assert classify(case(BIG), excess(0.5), check="memory", versions=era).status == Status.FAILED
+    assert classify(case(BIG), excess(2.0), check="memory", versions=era).status == Status.FAILED  # held twice: another bug
+    assert classify(case(BIG), excess(1.0, loading=True), check="memory", versions=era).status == Status.FAILED
+
+
+def test_a_tag_symptom_matches_exactly_the_tensors_the_case_names():
+    forgotten = case(tensors={FORGOTTEN_BUFFER: ("model.a.slopes",)})
+    problem = partial(Problem, "buffers", "c", ProblemKind.VALUES, rank=1, tensor_kind=TensorKind.NON_PERSISTENT)
+    assert classify(forgotten, problem(tensor="model.a.slopes")).status == Status.XFAILED
+    outcome = classify(forgotten, problem(tensor="model.a.slopes"), problem(tensor="model.b.inv_freq"))
+    assert outcome.status == Status.FAILED and [p.tensor for p in outcome.problems] == ["model.b.inv_freq"]
+
+
+def test_a_patched_loader_inherits_no_stock_issue():
+    c = case(PERSISTENT_BUFFER)
+    verdict = Verdict("c", "buffers", [crash()])
+    assert known_issues.classify(c, verdict, NEWEST, loader="fixed").status == Status.FAILED
+
+
+def test_min_rank_and_when_tagged_limit_a_symptom():
+    issue = KnownIssue("k", "u", "t", "transformers", ">=5", lambda c: True, {
+        "forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS}), min_rank=1, when_tagged="x"),),
+    })
+    logits = partial(Problem, "forward", "c", ProblemKind.LOGITS)
+    tagged, untagged = case("x"), case()
+    assert known_issues.classify(tagged, Verdict("c", "forward", [logits(rank=1)]), NEWEST, [issue]).status == Status.XFAILED
+    assert known_issues.classify(tagged, Verdict("c", "forward", [logits(rank=0)]), NEWEST, [issue]).status == Status.FAILED
+    # the symptom does not apply to an untagged case: no issue, a plain failure (and a pass is no stale entry)
+    assert known_issues.classify(untagged, Verdict("c", "forward", []), NEWEST, [issue]).status == Status.PASSED
