@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fsdp_load_checks import catalogue  # noqa: E402
 from fsdp_load_checks.parent import runner  # noqa: E402
-from fsdp_load_checks.parent.launch import LaunchConfig  # noqa: E402
+from fsdp_load_checks.records import LaunchConfig  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -127,7 +127,13 @@ def list_everything() -> int:
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from fsdp_load_checks import known_issues, render, report
     from fsdp_load_checks.checks import CHECK_MEANING

@@ -18,9 +18,8 @@ from fsdp_load_checks import catalogue
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.loaders import FIXED_LOADER
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
-from fsdp_load_checks.parent.launch import LaunchConfig
 from fsdp_load_checks.parent.runner import run_batch
-from fsdp_load_checks.records import CaseResult
+from fsdp_load_checks.records import CaseResult, LaunchConfig
 
 
 def detection_plan() -> dict[str, tuple[tuple[str, ...], bool]]:

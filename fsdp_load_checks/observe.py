@@ -15,7 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-from fsdp_load_checks.records import Failure, MemoryProfile, Observation, Phase, PhaseMemory, TensorKind, TensorRecord
+from fsdp_load_checks.records import (
+    Failure,
+    MemoryProfile,
+    Observation,
+    Phase,
+    PhaseMemory,
+    TensorKind,
+    TensorRecord,
+)
 from fsdp_load_checks.tensors import non_persistent_names
 
 BATCH, SEQ = 2, 8  # the forward pass's input_ids shape

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsdp_load_checks import loaders
-from fsdp_load_checks.parent.launch import LaunchConfig
+from fsdp_load_checks.records import LaunchConfig
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from fsdp_load_checks import catalogue, known_issues, render
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.options import OPTIONS, launch_config, parse_batch_size
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.parent.launch import LaunchConfig
-from fsdp_load_checks.records import CaseResult, Outcome, Status
+from fsdp_load_checks.records import CaseResult, LaunchConfig, Outcome, Status
 from fsdp_load_checks.report import judged, memory_figures
 
 
@@ -132,7 +131,13 @@ MEMORY: dict[str, dict[int, dict[str, int]]] = {}
 def pytest_terminal_summary(terminalreporter):
     if not TABLE:
         return
-    from fsdp_load_checks.report import Row, judged_memory, memory_table, render, verdict_table
+    from fsdp_load_checks.report import (
+        Row,
+        judged_memory,
+        memory_table,
+        render,
+        verdict_table,
+    )
 
     terminalreporter.write_sep("=", "fsdp-load-checks verdicts (case x check)")
     terminalreporter.write_line(verdict_table(TABLE, list(CHECKS)))

@@ -31,8 +31,7 @@ from hypothesis import seed as hypothesis_seed
 from fsdp_load_checks import catalogue, known_issues, render
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.parent.launch import LaunchConfig
-from fsdp_load_checks.records import CaseResult, Outcome, Status
+from fsdp_load_checks.records import CaseResult, LaunchConfig, Outcome, Status
 from toy_models import generated
 
 SEED_ENV = "FSDP_LOAD_CHECKS_GENERATED_SEED"

@@ -113,3 +113,22 @@ def test_a_failed_check_exits_1_and_names_rank_and_tensor(tmp_path):
     flat = " ".join(proc.stdout.split())  # the console wraps long lines
     assert "FAIL llama-rope/buffers: llama-rope: rank 1 non-persistent buffer" in flat
     assert "inv_freq differs from rank 0's" in flat
+
+
+@pytest.mark.parametrize("args", [["--fsdp-timeout", "0"], ["--nproc", "two"], ["--loader", "bogus"]])
+def test_both_front_ends_parse_an_option_the_same_way(args, tmp_path):
+    """One option table: the CLI and the pytest plugin reject a bad value with the very same line."""
+    from_cli = cli("zoo", *args, timeout=120).stderr.strip().removeprefix("fsdp-load-checks: error: ")
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).parent / "test_zoo.py")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
+    assert f"ERROR: {from_cli}" in proc.stderr, (from_cli, proc.stderr)
+
+
+def test_the_old_cli_spellings_still_work():
+    from fsdp_load_checks.cli import build_parser
+
+    old = build_parser().parse_args(["zoo", "--cases", "llama-rope", "--timeout", "30", "--backend", "gloo"])
+    new = build_parser().parse_args(["zoo", "--fsdp-cases", "llama-rope", "--fsdp-timeout", "30", "--fsdp-backend", "gloo"])
+    assert vars(old) == vars(new)

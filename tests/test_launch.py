@@ -10,8 +10,7 @@ import pytest
 
 from fsdp_load_checks import catalogue, render
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.parent.launch import LaunchConfig
-from fsdp_load_checks.records import LostHow, Phase
+from fsdp_load_checks.records import LaunchConfig, LostHow, Phase
 
 CASE_TIMEOUT = 20.0
 

@@ -11,7 +11,7 @@ import pytest
 
 from fsdp_load_checks import catalogue, render
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.parent.launch import LaunchConfig
+from fsdp_load_checks.records import LaunchConfig
 
 CASES = ["llama-rope", "missing-head", "tied-embeddings"]
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 from fsdp_load_checks.records import BIG, PERSISTENT_BUFFER, Case
-from fsdp_load_checks.records.case import FORGOTTEN_BUFFER, FORGOTTEN_FLOAT_BUFFER, SHARED_NON_PERSISTENT
+from fsdp_load_checks.records.case import (
+    FORGOTTEN_BUFFER,
+    FORGOTTEN_FLOAT_BUFFER,
+    SHARED_NON_PERSISTENT,
+)
 from toy_models.decoder import ToyDecoderConfig
 
 TOY = ("toy_models",)

@@ -13,36 +13,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from fsdp_load_checks.parent.diagnosis import tail
 from fsdp_load_checks.parent.watchdog import Watch, dump_stacks, read_progress, wait
-from fsdp_load_checks.records import LaunchSpec, RankTask
+from fsdp_load_checks.records import LaunchConfig, LaunchSpec, RankTask
 from fsdp_load_checks.records.protocol import launch_log, spec_path
 
 PORT_RETRIES = 3
 PORT_IN_USE_RE = re.compile(r"port: (\d+).*EADDRINUSE")
-
-
-@dataclass
-class LaunchConfig:
-    """How the parent launches ranks; built from the option table (options.py) by both front ends."""
-
-    nproc: int = 2
-    loader: str = "stock"
-    backend: str = "gloo"
-    case_timeout_s: float = 120.0
-    startup_timeout_s: float = 300.0
-    control_timeout_s: float = 5.0
-    poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
-    nnodes: int = 1  # >1: that many torchrun agents on this machine, one per simulated node
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc * self.nnodes
 
 
 def free_port() -> int:

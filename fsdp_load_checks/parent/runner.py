@@ -20,9 +20,9 @@ from filelock import FileLock
 from fsdp_load_checks import checkpoints, observe, render
 from fsdp_load_checks.checks import verdicts
 from fsdp_load_checks.parent.diagnosis import lost_ranks
-from fsdp_load_checks.parent.launch import PORT_RETRIES, LaunchConfig, child_env, launch_once
+from fsdp_load_checks.parent.launch import PORT_RETRIES, child_env, launch_once
 from fsdp_load_checks.parent.watchdog import read_progress
-from fsdp_load_checks.records import Case, CaseResult, CaseRun, RankTask
+from fsdp_load_checks.records import Case, CaseResult, CaseRun, LaunchConfig, RankTask
 from fsdp_load_checks.records.protocol import reference_path, result_path
 
 

@@ -8,13 +8,26 @@ included, may import from here; this layer imports nothing back.
   case.py         Case: the recipe for a checkpoint, and the tags known issues select by
   observation.py  what a process saw: TensorRecord, Failure, memory per phase, Observation
   outcome.py      what the parent concluded: LostRank, CaseRun, Problem, Verdict, Outcome, CaseResult
-  protocol.py     the parent/rank protocol: RankTask, LaunchSpec, run-directory paths, exit codes
+  protocol.py     the parent/rank protocol: LaunchConfig, RankTask, LaunchSpec, run-directory paths, exit codes
   enums.py        Phase, TensorKind, ProblemKind, LostHow, Status, Against
 """
 
 from fsdp_load_checks.records.case import BIG, PERSISTENT_BUFFER, Case
-from fsdp_load_checks.records.enums import Against, LostHow, Phase, ProblemKind, Status, TensorKind
-from fsdp_load_checks.records.observation import Failure, MemoryProfile, Observation, PhaseMemory, TensorRecord
+from fsdp_load_checks.records.enums import (
+    Against,
+    LostHow,
+    Phase,
+    ProblemKind,
+    Status,
+    TensorKind,
+)
+from fsdp_load_checks.records.observation import (
+    Failure,
+    MemoryProfile,
+    Observation,
+    PhaseMemory,
+    TensorRecord,
+)
 from fsdp_load_checks.records.outcome import (
     CaseResult,
     CaseRun,
@@ -27,7 +40,7 @@ from fsdp_load_checks.records.outcome import (
     Symptom,
     Verdict,
 )
-from fsdp_load_checks.records.protocol import LaunchSpec, RankTask
+from fsdp_load_checks.records.protocol import LaunchConfig, LaunchSpec, RankTask
 
 __all__ = [
     "BIG",
@@ -39,6 +52,7 @@ __all__ = [
     "Difference",
     "Failure",
     "KnownIssue",
+    "LaunchConfig",
     "LaunchSpec",
     "LostHow",
     "LostRank",

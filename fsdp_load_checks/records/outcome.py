@@ -10,7 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fsdp_load_checks.records.case import Case
-from fsdp_load_checks.records.enums import Against, LostHow, Phase, ProblemKind, Status, TensorKind
+from fsdp_load_checks.records.enums import (
+    Against,
+    LostHow,
+    Phase,
+    ProblemKind,
+    Status,
+    TensorKind,
+)
 from fsdp_load_checks.records.observation import Failure, Observation
 
 

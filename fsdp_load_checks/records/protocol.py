@@ -14,6 +14,24 @@ EXIT_DIVERGED = 3  # ranks disagreed about a case; the parent relaunches what is
 
 
 @dataclass
+class LaunchConfig:
+    """How the parent launches ranks (never sent to them: they get a LaunchSpec); built by options.launch_config."""
+
+    nproc: int = 2
+    loader: str = "stock"
+    backend: str = "gloo"
+    case_timeout_s: float = 120.0
+    startup_timeout_s: float = 300.0
+    control_timeout_s: float = 5.0
+    poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
+    nnodes: int = 1  # >1: that many torchrun agents on this machine, one per simulated node
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+@dataclass
 class RankTask:
     case: str
     checkpoint: str  # directory

@@ -36,7 +36,12 @@ from toy_models.generated.layout import (
     tensor_specs,
     validate,
 )
-from toy_models.generated.model import MODEL_TYPE, GeneratedConfig, GeneratedForCausalLM, initial_value
+from toy_models.generated.model import (
+    MODEL_TYPE,
+    GeneratedConfig,
+    GeneratedForCausalLM,
+    initial_value,
+)
 from toy_models.generated.shrink import renumber, simplifications
 from toy_models.generated.strategy import layouts
 

@@ -25,7 +25,13 @@ from fsdp_load_checks.records.case import (
     ROOT_NON_PERSISTENT,
     SHARED_NON_PERSISTENT,
 )
-from toy_models.generated.layout import describe, features, layout_name, tensor_specs, validate
+from toy_models.generated.layout import (
+    describe,
+    features,
+    layout_name,
+    tensor_specs,
+    validate,
+)
 from toy_models.generated.model import GeneratedConfig, initial_value
 
 LAYOUTS_ENV = "FSDP_LOAD_CHECKS_GENERATED_LAYOUTS"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from toy_models.generated.layout import holds_extra, layout_name, module_order, tensor_specs, validate
+from toy_models.generated.layout import (
+    holds_extra,
+    layout_name,
+    module_order,
+    tensor_specs,
+    validate,
+)
 
 
 def renumber(layout: dict) -> dict:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from toy_models.generated.layout import BUFFER_DTYPES, holds_extra, droppable_keys, module_order, tensor_specs, validate
+from toy_models.generated.layout import (
+    BUFFER_DTYPES,
+    droppable_keys,
+    holds_extra,
+    module_order,
+    tensor_specs,
+    validate,
+)
 
 MAX_DIM = 7  # shape dims 1..MAX_DIM: odd ones shard unevenly over 2 ranks, 1 leaves a rank an empty shard
 
