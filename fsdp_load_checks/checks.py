@@ -1,8 +1,10 @@
-"""Verdicts: pure functions of observations, no process group, no I/O, no text.
+"""Verdicts: pure functions of observations, no process group, no I/O.
 
 Each check returns a list of `Problem` records (rank, tensor, kind of
 difference, figures); an empty list is a pass. `render.py` turns them into
-sentences. A case whose ranks did not all report (a crash, a hang) fails
+sentences; the only text made here says why a check cannot judge a case
+(`SKIPS`) and what each check means (`CHECK_MEANING`, for `list` and the
+README). A case whose ranks did not all report (a crash, a hang) fails
 every check with that failure, since nothing about it could be verified.
 """
 
@@ -226,6 +228,10 @@ CHECK_MEANING = {
 }
 
 
+# problems that leave nothing to verify: a failed reference, a rank that raised, a rank that wrote no result
+BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST)
+
+
 def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list[Problem]:
     """Failures that leave nothing to verify for a check.
 
@@ -274,7 +280,7 @@ def plain_load_notes(ref: Observation) -> list[Problem]:
 
 
 def verdicts(run: CaseRun, ref: Observation | None) -> dict[str, Verdict]:
-    """Every check's verdict on one case. `details` is left to the renderer (render.verdict_details)."""
+    """Every check's verdict on one case. `details` is left to the renderer (render.details)."""
     out = {}
     for name, fn in CHECKS.items():
         problems = blocking_failures(run, ref, name)

@@ -69,11 +69,16 @@ def writable(path: str | None, flag: str) -> None:
 
 def launch_config(args):
     from fsdp_load_checks.options import launch_config as from_options
+    from fsdp_load_checks.options import loader_alias_note
 
     try:
-        return from_options(lambda dest: getattr(args, dest))
+        cfg = from_options(lambda dest: getattr(args, dest))
     except (ValueError, KeyError) as exc:
         raise UsageError(str(exc.args[0])) from None
+    note = loader_alias_note(args.loader)
+    if note:
+        print(f"fsdp-load-checks: note: {note}", file=sys.stderr)
+    return cfg
 
 
 def select_cases(args):
@@ -98,13 +103,12 @@ def select_cases(args):
         spec = [{"name": path.name or "checkpoint", "path": str(path), "dtype": dtype, "imports": args.imports}]
         os.environ[catalogue.USER_CHECKPOINTS_ENV] = json.dumps(spec)  # reaches the reference and every rank
         return catalogue.user_cases()
+    from fsdp_load_checks.options import select_cases as from_options
+
     try:
-        selected = catalogue.select(pattern=args.fsdp_cases)
-    except KeyError as exc:
+        return from_options(args.fsdp_cases)
+    except (ValueError, KeyError) as exc:
         raise UsageError(str(exc.args[0])) from None
-    if not selected:
-        raise UsageError(f"--fsdp-cases {args.fsdp_cases!r} matches no case; run `fsdp-load-checks list`")
-    return selected
 
 
 def list_everything() -> int:

@@ -11,12 +11,13 @@ or a pytest usage error).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fsdp_load_checks import loaders
+from fsdp_load_checks import catalogue, loaders
 from fsdp_load_checks.records import LaunchConfig
 
 
@@ -97,6 +98,8 @@ def parse_seconds(raw, flag: str) -> float:
         raise ValueError(f"{flag} must be a number of seconds, got {raw!r}") from None
     if not value > 0:
         raise ValueError(f"{flag} must be positive seconds, got {value:g}")
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number of seconds, got {value:g}; a hang would never end")
     return value
 
 
@@ -122,6 +125,22 @@ def backend_for(choice: str, nproc: int, nnodes: int = 1) -> str:
     if choice == "auto":
         return "nccl" if gpus >= nproc else "gloo"
     return choice
+
+
+def select_cases(pattern: str | None) -> list:
+    """The zoo cases `--fsdp-cases` names (all when None); ValueError when a pattern matches none."""
+    selected = catalogue.select(pattern=pattern)
+    if not selected:
+        raise ValueError(f"--fsdp-cases {pattern!r} matches no case; run `fsdp-load-checks list`")
+    return selected
+
+
+def loader_alias_note(name: str) -> str:
+    """One line when `--loader` names an old alias ("" otherwise): the run goes on under the new name."""
+    if name in loaders.ALIASES:
+        return (f"--loader {name} is the old name of --loader {loaders.ALIASES[name]}; it runs that loader, "
+                "and the old name will be removed after one release")
+    return ""
 
 
 def launch_config(get: Callable[[str], Any]) -> LaunchConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdp_load_checks import catalogue, known_issues, render
+from fsdp_load_checks import catalogue, known_issues, options, render
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.options import OPTIONS, launch_config, parse_batch_size
 from fsdp_load_checks.parent import runner
@@ -33,14 +33,19 @@ def pytest_configure(config):
     try:
         config._fsdp_launch = launch_config(config.getoption)
         config._fsdp_batch_size = parse_batch_size(config.getoption("fsdp_batch_size"))
+        if config.getoption("fsdp_cases") is not None:  # a selection that matches nothing is bad input, now
+            options.select_cases(config.getoption("fsdp_cases"))
     except (ValueError, KeyError) as exc:
         raise pytest.UsageError(str(exc.args[0] if exc.args else exc)) from None
+    alias = options.loader_alias_note(config.getoption("loader"))
+    if alias:
+        config.issue_config_time_warning(pytest.PytestWarning(alias), stacklevel=2)
 
 
 def selected_cases(config) -> list:
     try:
-        return catalogue.select(pattern=config.getoption("fsdp_cases"))
-    except KeyError as exc:
+        return options.select_cases(config.getoption("fsdp_cases"))
+    except (ValueError, KeyError) as exc:
         raise pytest.UsageError(str(exc.args[0])) from None
 
 
@@ -131,16 +136,10 @@ MEMORY: dict[str, dict[int, dict[str, int]]] = {}
 def pytest_terminal_summary(terminalreporter):
     if not TABLE:
         return
-    from fsdp_load_checks.report import (
-        Row,
-        judged_memory,
-        memory_table,
-        render,
-        verdict_table,
-    )
+    from fsdp_load_checks.report import Row, judged_memory, memory_table, to_text, verdict_table
 
     terminalreporter.write_sep("=", "fsdp-load-checks verdicts (case x check)")
     terminalreporter.write_line(verdict_table(TABLE, list(CHECKS)))
     rows = [Row(case, memory=figures, memory_judged=True) for case, figures in MEMORY.items()]
     if judged_memory(rows):
-        terminalreporter.write_line(render(memory_table(judged_memory(rows))))
+        terminalreporter.write_line(to_text(memory_table(judged_memory(rows))))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 
-from fsdp_load_checks.checks import plain_load_notes
+from fsdp_load_checks.checks import BLOCKING, plain_load_notes
 from fsdp_load_checks.records import (
     CaseRun,
     Difference,
@@ -142,9 +142,6 @@ def note_line(p: Problem) -> str:
         f"note: the single-process load itself leaves {p.tensor_kind} {p.tensor} unlike the model's __init__ value "
         f"(transformers restores it only if _init_weights recomputes it; the check compares with __init__'s): {detail}"
     )
-
-
-BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST)
 
 
 def details(verdict: Verdict, run: CaseRun, ref: Observation | None) -> str:

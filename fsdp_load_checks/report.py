@@ -43,7 +43,7 @@ def memory_figures(observations: dict) -> dict[int, dict[str, int]]:
 
 def judged(verdict) -> bool:
     """The check compared figures with its bounds: not skipped (too small, poisoned), not blocked by a crash."""
-    from fsdp_load_checks.render import BLOCKING
+    from fsdp_load_checks.checks import BLOCKING
 
     return not verdict.skipped and not any(p.kind in BLOCKING for p in verdict.problems)
 
@@ -71,11 +71,8 @@ def memory_table(rows: list[Row]):
     return t
 
 
-def render(renderable) -> str:
-    return _render(renderable)
-
-
-def _render(table) -> str:
+def to_text(table) -> str:
+    """A rich renderable as plain text (200 columns, no colour), for pytest's terminal summary."""
     from io import StringIO
 
     from rich.console import Console
@@ -99,7 +96,7 @@ def verdict_table(table: dict[tuple[str, str], str], checks: list[str]) -> str:
             status = table.get((case, check), "")
             cells.append(SYMBOL.get(status, status))
         t.add_row(case, *cells)
-    return _render(t)
+    return to_text(t)
 
 
 def rows_table(rows: list[Row], checks: list[str]):

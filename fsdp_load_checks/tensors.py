@@ -30,6 +30,22 @@ def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
 
 
+def persistent_buffer_names(model: torch.nn.Module) -> list[str]:
+    """State-dict keys that are buffers (persistent buffers), in state-dict order."""
+    buffers = {name for name, _ in model.named_buffers()}
+    return [name for name in model.state_dict() if name in buffers]
+
+
+def non_persistent_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Every non-persistent buffer tensor as the list of names it is registered under, in registration order."""
+    names = non_persistent_names(model)
+    groups: dict[int, list[str]] = {}
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        if name in names:
+            groups.setdefault(id(buf), []).append(name)
+    return list(groups.values())
+
+
 def shared_buffer_names(model: torch.nn.Module) -> list[list[str]]:
     """Names of each buffer tensor registered under more than one name, in registration order."""
     by_tensor: dict[int, list[str]] = {}

@@ -115,7 +115,11 @@ def test_a_failed_check_exits_1_and_names_rank_and_tensor(tmp_path):
     assert "inv_freq differs from rank 0's" in flat
 
 
-@pytest.mark.parametrize("args", [["--fsdp-timeout", "0"], ["--nproc", "two"], ["--loader", "bogus"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--fsdp-timeout", "0"], ["--fsdp-timeout", "inf"], ["--nproc", "two"], ["--loader", "bogus"],
+     ["--fsdp-cases", "no-such-case"]],
+)
 def test_both_front_ends_parse_an_option_the_same_way(args, tmp_path):
     """One option table: the CLI and the pytest plugin reject a bad value with the very same line."""
     from_cli = cli("zoo", *args, timeout=120).stderr.strip().removeprefix("fsdp-load-checks: error: ")

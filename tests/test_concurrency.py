@@ -18,6 +18,7 @@ import psutil
 from fsdp_load_checks import render
 from fsdp_load_checks.parent import launch
 from fsdp_load_checks.parent.watchdog import read_progress
+from fsdp_load_checks.records import LaunchConfig
 
 LAUNCHES = 50
 # every launch is 2-3 processes importing torch (~150 MB anonymous memory each): 12 live launches fit
@@ -26,7 +27,7 @@ IN_FLIGHT = 12
 
 
 def empty_launch(i: int, work: Path) -> tuple[Path, list]:
-    cfg = launch.LaunchConfig(nproc=1 if i % 2 else 2, nnodes=2 if i % 2 else 1, startup_timeout_s=240)
+    cfg = LaunchConfig(nproc=1 if i % 2 else 2, nnodes=2 if i % 2 else 1, startup_timeout_s=240)
     out_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work))
     launch.launch_once([], out_dir, cfg)
     states = [read_progress(out_dir, r) for r in range(cfg.world_size)]
@@ -54,7 +55,7 @@ def test_a_rendezvous_port_taken_before_torchrun_binds_it_is_picked_again(tmp_pa
     ports = iter([taken.getsockname()[1]])  # the first pick collides, later picks are fresh
     real_free_port = launch.free_port
     monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real_free_port())
-    cfg = launch.LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
+    cfg = LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
     out_dir = tmp_path / "launch"
     out_dir.mkdir()
     try:
@@ -77,7 +78,7 @@ def test_a_port_that_stays_taken_is_reported_in_one_line(tmp_path, monkeypatch):
     taken.listen()
     port = taken.getsockname()[1]
     monkeypatch.setattr(launch, "free_port", lambda: port)
-    cfg = launch.LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
+    cfg = LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
     start = time.monotonic()
     try:
         result = runner.run_batch(tmp_path, catalogue.select(["llama-rope"]), cfg)["llama-rope"]

@@ -190,7 +190,7 @@ def test_fixed_loader_passes_every_generated_layout(runs, drawn):
 
 @pytest.mark.skipif(not os.environ.get(REPLAY_ENV), reason=f"set {REPLAY_ENV} to a layout JSON file, inline JSON or SEED:NAME")
 def test_replay(runs, request):
-    loader = request.config.getoption("--loader", default="stock")
+    loader = request.config._fsdp_launch.loader  # canonical: an old alias names its loader
     layouts = replay_layouts(os.environ[REPLAY_ENV])
     for layout in layouts:
         generated.validate(layout)

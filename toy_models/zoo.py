@@ -13,8 +13,8 @@ from fsdp_load_checks.records.case import (
 from toy_models.decoder import ToyDecoderConfig
 
 TOY = ("toy_models",)
-# ToyAttention.alibi_slopes of the default 2 layers: the buffer ToyPreTrainedModel._init_weights forgets
-ALIBI = tuple(f"model.layers.{i}.attn.alibi_slopes" for i in range(2))
+# ToyAttention.alibi_slopes in every layer of the default config: the buffer ToyPreTrainedModel._init_weights forgets
+ALIBI = tuple(f"model.layers.{i}.attn.alibi_slopes" for i in range(ToyDecoderConfig().num_hidden_layers))
 
 
 def toy(name: str, guards: str, dtype: str = "float32", *, persistent: bool = False, **switches) -> Case:

@@ -5,7 +5,7 @@ A loader is a context manager entered inside each rank around
 parent or the reference process.
 
   stock        the installed transformers and accelerate, untouched: what a fork's CI runs
-  fixed        stock + the documented fix set (fixed.py, docs/reference-loader.md)
+  fixed        stock + the documented fix set (fixed.py, docs/fixed-loader.md)
   <regression> a historical regression re-created on top of `fixed` (regressions.py)
 
 `reference` is the fixed loader's old name, kept as an alias for one release
@@ -40,7 +40,7 @@ LOADERS: dict[str, Loader] = {
     "stock": Loader("stock", "the installed transformers and accelerate, untouched", contextlib.nullcontext),
     FIXED_LOADER: _variant_loader(
         FIXED_LOADER,
-        "stock + the documented fix set (docs/reference-loader.md): persistent buffers broadcast (accelerate #3898), "
+        "stock + the documented fix set (docs/fixed-loader.md): persistent buffers broadcast (accelerate #3898), "
         "rank 0's non-persistent buffers broadcast, __init__ values for buffers _init_weights forgets, shared buffers kept",
         FIXED,
     ),

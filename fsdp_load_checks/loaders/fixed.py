@@ -1,6 +1,6 @@
 """The fixed loader: the smallest patch set we know that makes the stock stack pass every check.
 
-For transformers 5.23+ and accelerate 1.10+; docs/reference-loader.md walks
+For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
 transformers, and changes four things (T2, T3, A1, A2), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 from fsdp_load_checks.tensors import (
     init_non_persistent,
-    non_persistent_names,
+    non_persistent_groups,
+    persistent_buffer_names,
     set_tensor,
     share_buffer,
     shared_buffer_names,
@@ -224,12 +225,6 @@ def _load_full_state_dict(variant: Variant, installed):
     return fsdp2_load_full_state_dict
 
 
-def persistent_buffer_names(model) -> list[str]:
-    """State-dict keys that are buffers, in state-dict order."""
-    buffers = {name for name, _ in model.named_buffers()}
-    return [name for name in model.state_dict() if name in buffers]
-
-
 # --- accelerate: fsdp2_prepare_model (A2, T3) ---
 
 
@@ -247,13 +242,9 @@ def _prepare_model(variant: Variant, installed):
 
         if isinstance(model, FSDPModule) or not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
             return installed(accelerator, model)
-        names = non_persistent_names(model)
-        groups: dict[int, list[str]] = {}
-        for name, buf in model.named_buffers(remove_duplicate=False):
-            if name in names:
-                groups.setdefault(id(buf), []).append(name)
+        groups = non_persistent_groups(model)  # before accelerate's model.to("meta") splits shared ones
         model = installed(accelerator, model)
-        shared = [g if variant.share_buffers else g[:1] for g in groups.values()]
+        shared = [g if variant.share_buffers else g[:1] for g in groups]
         if variant.broadcast_non_persistent:
             broadcast_non_persistent(accelerator, model, shared)
         else:  # each rank keeps the copy accelerate re-registered under the first name

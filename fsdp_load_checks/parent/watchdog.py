@@ -74,7 +74,7 @@ def dump_stacks(out_dir: Path, world_size: int) -> None:
 def wait(procs: list[subprocess.Popen], out_dir: Path, cfg, on_progress: Callable | None) -> Watch:
     """Poll until torchrun exits or a rank overstays its case (or start-up) budget.
 
-    `cfg` is the launch's `parent.launch.LaunchConfig`; `on_progress(case, rank)`
+    `cfg` is the launch's `records.LaunchConfig`; `on_progress(case, rank)`
     is called once per case each rank finishes.
     """
     seen: dict[int, tuple[str, float]] = {}

@@ -65,4 +65,5 @@ def main(argv: list[str]) -> None:
     os._exit(code)
 
 
-main(sys.argv[1:])
+if __name__ == "__main__":
+    main(sys.argv[1:])

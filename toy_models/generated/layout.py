@@ -48,10 +48,6 @@ def tensor_specs(layout: dict) -> dict[str, dict]:
     return {f"{path}.{t['name']}" if path else t["name"]: t for path, ts in layout["modules"].items() for t in ts}
 
 
-def is_float(spec: dict) -> bool:
-    return spec["kind"] == "param" or spec["dtype"] == "float32"
-
-
 def checkpoint_keys(layout: dict) -> list[str]:
     """Keys save_pretrained writes: embedding, head (unless tied), params, persistent buffers, persistent aliases."""
     keys = ["model.embed_tokens.weight"]
