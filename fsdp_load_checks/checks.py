@@ -10,6 +10,7 @@ every check with that failure, since nothing about it could be verified.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -55,7 +56,7 @@ def difference(got: torch.Tensor, want: torch.Tensor) -> Difference:
     """Where and by how much two tensors of one dtype and shape differ."""
     g, w = got.double().flatten(), want.double().flatten()
     if g.numel() == 0:
-        return Difference(0, 0, 0, 0.0, 0.0)
+        return Difference()
     diff = (g - w).abs().nan_to_num(nan=float("inf"))
     i = int(diff.argmax())
     mismatched = int((g != w).sum() - (g.isnan() & w.isnan()).sum())
@@ -77,16 +78,11 @@ def compare(rec: TensorRecord, want: TensorRecord, rank: int, against: Against, 
         found = difference(rec.value, want.value)
     elif rec.sample is not None and want.sample is not None:
         equal = torch.equal(rec.sample, want.sample)
-        found = Difference(0, 0, 0, 0.0, 0.0, sampled=rec.sample.numel(), sample_equal=True) if equal else (
-            _sampled(difference(rec.sample, want.sample), rec.sample.numel())
-        )
+        found = Difference(sample_equal=True) if equal else difference(rec.sample, want.sample)
+        found = dataclasses.replace(found, sampled=rec.sample.numel())
     else:
-        found = Difference(0, 0, 0, 0.0, 0.0, digests_only=True)
+        found = Difference(digests_only=True)
     return problem(ProblemKind.VALUES, numel=rec.numel, difference=found)
-
-
-def _sampled(d: Difference, n: int) -> Difference:
-    return Difference(d.mismatched, d.numel, d.index, d.got, d.want, sampled=n)
 
 
 def check_no_nan(run: CaseRun, ref: Observation) -> list[Problem]:
@@ -269,7 +265,7 @@ def plain_load_notes(ref: Observation) -> list[Problem]:
         if got.digest == "meta":
             notes.append(note(ProblemKind.ON_META))
         elif got.value is None or want.value is None:
-            notes.append(note(ProblemKind.VALUES, difference=Difference(0, 0, 0, 0.0, 0.0, digests_only=True)))
+            notes.append(note(ProblemKind.VALUES, difference=Difference(digests_only=True)))
         elif got.value.shape != want.value.shape:
             notes.append(note(ProblemKind.SHAPE, got=str(tuple(got.value.shape)), want=str(tuple(want.value.shape))))
         elif got.value.dtype != want.value.dtype:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdp_load_checks import catalogue, known_issues, options, render
+from fsdp_load_checks import known_issues, options, render
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.options import OPTIONS, launch_config, parse_batch_size
 from fsdp_load_checks.parent import runner
@@ -64,6 +64,7 @@ class Suite:
         self.cfg: LaunchConfig = config._fsdp_launch
         self.root = root
         self.cases = selected_cases(config)
+        self.by_name = {c.name: c for c in self.cases}
         size = config._fsdp_batch_size or len(self.cases) or 1
         self.batch_of = {c.name: i // size for i, c in enumerate(self.cases)}
         self.results: dict[str, CaseResult] = {}
@@ -78,7 +79,7 @@ class Suite:
         return self.results[case]
 
     def outcome(self, case: str, check: str) -> Outcome:
-        return known_issues.outcomes(self.result(case), catalogue.all_cases()[case], self.cfg.loader)[check]
+        return known_issues.outcomes(self.result(case), self.by_name[case], self.cfg.loader)[check]
 
     def expect(self, case: str, check: str) -> None:
         try:

@@ -154,7 +154,7 @@ def details(verdict: Verdict, run: CaseRun, ref: Observation | None) -> str:
             out.append(f"--- rank {p.rank} traceback ---\n{p.failure.traceback}")
         elif p.kind == ProblemKind.LOST:
             out.append(f"--- rank {p.lost.rank} log tail ({run.launch_dir}) ---\n{p.lost.log_tail}")
-    if out or any(p.kind in BLOCKING for p in verdict.problems):
+    if any(p.kind in BLOCKING for p in verdict.problems):  # a crash: nothing was compared, no note applies
         return "\n".join(out)
     if verdict.check == "buffers" and verdict.problems and ref is not None:
         return "\n".join(note_line(n) for n in plain_load_notes(ref))

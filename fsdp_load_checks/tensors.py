@@ -36,22 +36,24 @@ def persistent_buffer_names(model: torch.nn.Module) -> list[str]:
     return [name for name in model.state_dict() if name in buffers]
 
 
-def non_persistent_groups(model: torch.nn.Module) -> list[list[str]]:
-    """Every non-persistent buffer tensor as the list of names it is registered under, in registration order."""
-    names = non_persistent_names(model)
-    groups: dict[int, list[str]] = {}
+def buffer_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Every buffer tensor as the list of names it is registered under, in registration order."""
+    by_tensor: dict[int, list[str]] = {}
     for name, buf in model.named_buffers(remove_duplicate=False):
-        if name in names:
-            groups.setdefault(id(buf), []).append(name)
-    return list(groups.values())
+        by_tensor.setdefault(id(buf), []).append(name)
+    return list(by_tensor.values())
+
+
+def non_persistent_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Every non-persistent buffer tensor as the list of its non-persistent names, in registration order."""
+    names = non_persistent_names(model)
+    groups = ([n for n in group if n in names] for group in buffer_groups(model))
+    return [group for group in groups if group]
 
 
 def shared_buffer_names(model: torch.nn.Module) -> list[list[str]]:
     """Names of each buffer tensor registered under more than one name, in registration order."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        by_tensor.setdefault(id(buf), []).append(name)
-    return [names for names in by_tensor.values() if len(names) > 1]
+    return [names for names in buffer_groups(model) if len(names) > 1]
 
 
 def share_buffer(model: torch.nn.Module, names: list[str]) -> None:

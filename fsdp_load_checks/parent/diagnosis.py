@@ -39,8 +39,7 @@ def lost_ranks(case: str, missing: list[int], out_dir: Path, cfg, watch: Watch, 
     for r in missing:
         state = read_progress(out_dir, r) or {"case": case, "phase": Phase.STARTUP}
         phase_case = "" if state.get("case") in (case, "") else str(state.get("case"))
-        phase = Phase(state["phase"]) if state["phase"] in Phase._value2member_map_ else Phase.STARTUP
-        found = LostRank(r, case, phase, LostHow.STOPPED, codes.get(r), tail(log_path(out_dir, r)),
+        found = LostRank(r, case, Phase.of(state["phase"]), LostHow.STOPPED, codes.get(r), tail(log_path(out_dir, r)),
                          phase_case=phase_case)
         if r in watch.hung:
             found.how, found.timeout_s = LostHow.HUNG, cfg.case_timeout_s

@@ -31,6 +31,11 @@ class Phase(_Word):
     INIT_BUFFERS = "__init__ buffers"  # the reference process only: the model's own __init__ values
 
     @classmethod
+    def of(cls, word: str) -> Phase:
+        """The phase a progress file names; an unknown word (an older rank, a typo) counts as start-up."""
+        return cls(word) if word in cls._value2member_map_ else cls.STARTUP
+
+    @classmethod
     def order(cls, phase: str) -> int:
         """Position in a rank's run; unknown words (an older rank, a typo) count as start-up."""
         return _RANK_ORDER.index(phase) if phase in _RANK_ORDER else 0

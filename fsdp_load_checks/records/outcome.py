@@ -51,13 +51,13 @@ class CaseRun:
 
 @dataclass(frozen=True)
 class Difference:
-    """How two tensors of the same dtype and shape differ (flat indices)."""
+    """How two tensors of the same dtype and shape differ (flat indices); all zeros: no element compared."""
 
-    mismatched: int  # elements that differ (NaN against NaN counts as equal)
-    numel: int
-    index: int  # where |got - want| is largest (NaN counts as infinite)
-    got: float
-    want: float
+    mismatched: int = 0  # elements that differ (NaN against NaN counts as equal)
+    numel: int = 0
+    index: int = 0  # where |got - want| is largest (NaN counts as infinite)
+    got: float = 0.0
+    want: float = 0.0
     sampled: int = 0  # >0: computed on this many strided elements of a tensor too big to keep
     sample_equal: bool = False  # sampled, the samples are equal, only the digests differ
     digests_only: bool = False  # no values kept on either side: only the digests differ
