@@ -13,8 +13,9 @@ import json
 import os
 from functools import partial
 
+from fsdp_load_checks import accelerate_config
 from fsdp_load_checks.records import Case
-from fsdp_load_checks.records.case import USER
+from fsdp_load_checks.records.case import MIXED_PRECISION, USER
 
 EXTRA_MODULES_ENV = "FSDP_LOAD_CHECKS_CASE_MODULES"  # comma-separated modules with a CASES list
 USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports"}
@@ -47,6 +48,18 @@ def user_cases() -> list[Case]:
     return [user_case(c["name"], c["path"], c["dtype"], tuple(c.get("imports", ()))) for c in json.loads(raw)] if raw else []
 
 
+# Mixed precision as a dimension of the zoo: these also run as `<case>@bf16` under the shipped bf16 config
+# (TRL's FSDP2 config), loading the same checkpoint. Every toy case but the fp32 size class (nothing to
+# upcast; its bf16 twin carries the size class), and one real architecture per family of layout.
+MIXED_PRECISION_SKIP = ("big-llama",)
+MIXED_PRECISION_ARCHS = ("arch-llama", "arch-qwen3-moe", "arch-gemma3-text", "arch-gpt2", "arch-deepseek-v3", "arch-phi3")
+
+
+def mixed_precision_variants(toy: list[Case], archs: list[Case]) -> list[Case]:
+    chosen = [c for c in toy if c.name not in MIXED_PRECISION_SKIP] + [c for c in archs if c.name in MIXED_PRECISION_ARCHS]
+    return [c.under(accelerate_config.BF16, "bf16", MIXED_PRECISION) for c in chosen]
+
+
 def all_cases() -> dict[str, Case]:
     """Every case of the zoo, by name, in catalogue order.
 
@@ -61,7 +74,8 @@ def all_cases() -> dict[str, Case]:
     for module in filter(None, os.environ.get(EXTRA_MODULES_ENV, "").split(",")):
         extra.extend(importlib.import_module(module.strip()).CASES)
     cases: dict[str, Case] = {}
-    for case in [*TOY_CASES, *ARCH_CASES, *extra, *user_cases()]:
+    variants = mixed_precision_variants(TOY_CASES, ARCH_CASES)
+    for case in [*TOY_CASES, *ARCH_CASES, *variants, *extra, *user_cases()]:
         if case.name in cases:
             raise ValueError(f"duplicate case name {case.name!r}")
         cases[case.name] = case

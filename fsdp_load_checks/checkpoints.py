@@ -20,7 +20,7 @@ DONE = "BUILT"
 
 
 def checkpoint_dir(root: Path, case: Case) -> Path:
-    return Path(case.checkpoint) if case.checkpoint else root / "checkpoints" / case.name
+    return Path(case.checkpoint) if case.checkpoint else root / "checkpoints" / case.checkpoint_name
 
 
 def perturb_persistent_buffers(model: torch.nn.Module, generator: torch.Generator) -> None:

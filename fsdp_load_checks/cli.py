@@ -31,7 +31,7 @@ def add_common(p: argparse.ArgumentParser, command: str) -> None:
 
     for option in OPTIONS:
         if option.cli and (command == "zoo" or option.dest != "fsdp_cases"):
-            p.add_argument(option.flag, *option.cli_aliases, **option.kwargs())
+            p.add_argument(*option.cli_flags, **option.kwargs())
     p.add_argument("--json", metavar="FILE", help="write every outcome and message as JSON")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML (one testcase per case x check)")
     p.add_argument("--markdown", metavar="FILE", help="write the table and findings as markdown")

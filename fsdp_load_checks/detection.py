@@ -23,12 +23,18 @@ from fsdp_load_checks.records import CaseResult, LaunchConfig
 
 
 def detection_plan() -> dict[str, tuple[tuple[str, ...], bool]]:
-    """loader -> (cases, poison): the fixed loader over every toy case, each regression over its own cases."""
-    from toy_models.zoo import TOY_CASES
-
-    plan = {FIXED_LOADER: (tuple(c.name for c in TOY_CASES), False)}
+    """loader -> (cases, poison): the fixed loader over every toy case (and its `@bf16` variant, under the
+    mixed-precision config), each regression over its own cases."""
+    plan = {FIXED_LOADER: (fixed_loader_cases(), False)}
     plan.update({r.name: (r.cases, r.poison) for r in REGRESSIONS})
     return plan
+
+
+def fixed_loader_cases() -> tuple[str, ...]:
+    from toy_models.zoo import TOY_CASES
+
+    toy = {c.name for c in TOY_CASES}
+    return tuple(name for name, case in catalogue.all_cases().items() if (case.checkpoint_of or name) in toy)
 
 
 def run_detection(root, loader: str, nproc: int = 2, **config) -> dict[str, CaseResult]:

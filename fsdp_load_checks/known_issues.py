@@ -38,12 +38,14 @@ from fsdp_load_checks.records.case import (
     BIG,
     FORGOTTEN_BUFFER,
     FORGOTTEN_FLOAT_BUFFER,
+    MIXED_PRECISION,
     PERSISTENT_BUFFER,
     ROOT_NON_PERSISTENT,
     SHARED_NON_PERSISTENT,
 )
 
 ALL_CHECKS = tuple(CHECKS)
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 def applies(issue: KnownIssue, case: Case, check: str, versions: dict[str, str], loader: str = "stock") -> bool:
@@ -130,6 +132,11 @@ WRONG_LOGITS = Symptom(kinds=frozenset({ProblemKind.LOGITS}))
 # the non-rank-0 branch wrote into every parameter and buffer. Multiples above 1.5x are another bug.
 WHOLE_MODEL_ON_A_RECEIVING_RANK = Symptom(
     kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FROM_PRETRAINED, loading=False, multiple=(0.9, 1.5)
+)
+# Under mixed precision, a rank that only receives committing an fp32 copy of a 16-bit model on top of its shard
+# during preparation: 2x the model's bytes for the copy + 0.5-1x for its shard and one tensor in flight.
+FP32_COPY_ON_A_RECEIVING_RANK = Symptom(
+    kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FSDP2_PREPARE, loading=False, multiple=(2.0, 4.0)
 )
 RECURRENT_GEMMA_ROPE = r"model\.layers\.\d+\.temporal_block\.rotary_emb\.(original_)?inv_freq"
 
@@ -246,6 +253,21 @@ KNOWN_ISSUES = [
         symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},
     ),
     KnownIssue(
+        key="mixed-precision-upcast-on-receiving-ranks",
+        url="https://github.com/huggingface/accelerate/blob/v1.15.0/src/accelerate/utils/fsdp_utils.py#L813",
+        title=(
+            "accelerate 1.14+: with mixed_precision other than 'no', fsdp2_prepare_model upcasts every trainable "
+            "parameter to fp32 (param.data.to(torch.float32)) on every rank before moving the model to meta; on a "
+            "rank that only receives, that copies the memory-mapped 16-bit weights into a full fp32 model that the "
+            "broadcast then throws away (TRL's FSDP2 config sets bf16 with cpu_ram_efficient_loading; found by this "
+            "suite, not yet reported)"
+        ),
+        package="accelerate",
+        affected=">=1.14.0",
+        selects=lambda case: BIG in case.tags and MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
+        symptoms={"memory": (FP32_COPY_ON_A_RECEIVING_RANK,)},
+    ),
+    KnownIssue(
         key="reinit-era-memory",
         url="https://github.com/huggingface/transformers/blob/v5.3.0/src/transformers/modeling_utils.py#L4542",
         title=(
@@ -291,4 +313,6 @@ def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=No
 def outcomes(result: CaseResult, case: Case, loader: str, registry=None) -> dict[str, Outcome]:
     """Each check's verdict on one case read against the known upstream issues of the installed stack."""
     versions = result.reference.versions if result.reference else stack_versions()
+    if any(o.preparation.get("mixed_precision", "no") != "no" for o in result.run.observations.values()):
+        case = case.with_tags(MIXED_PRECISION)  # it ran under a mixed-precision config: --accelerate-config, or its own
     return {name: classify(case, v, versions, registry=registry, loader=loader) for name, v in result.verdicts.items()}

@@ -106,11 +106,13 @@ def forward_input(vocab_size: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_logits(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """The model's logits on `forward_input`, float32 on CPU."""
+def forward_logits(model: torch.nn.Module, device: torch.device, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The model's logits on `forward_input`, float32 on CPU (rounded through `output_dtype` first, if given)."""
     vocab = model.config.get_text_config().vocab_size
-    out = model(input_ids=forward_input(vocab, device))
-    return out.logits.detach().float().cpu()
+    out = model(input_ids=forward_input(vocab, device)).logits.detach()
+    if output_dtype is not None:
+        out = out.to(output_dtype)
+    return out.float().cpu()
 
 
 def failure_from(exc: BaseException, rank: int, phase: Phase) -> Failure:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fsdp_load_checks import catalogue, loaders
+from fsdp_load_checks import accelerate_config, catalogue, loaders
 from fsdp_load_checks.records import LaunchConfig
 
 
@@ -32,10 +32,15 @@ class Option:
     cli_aliases: tuple[str, ...] = ()  # older CLI spellings, kept for one release
     cli: bool = True  # offered by the CLI (`zoo` and `check`)
     pytest: bool = True  # offered by the pytest plugin
+    cli_flag: str | None = None  # the CLI's spelling where it differs (pytest's flags carry an fsdp- prefix)
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return (self.cli_flag or self.flag, *self.cli_aliases)
 
     def kwargs(self) -> dict:
         out = {"dest": self.dest, "default": self.default, "help": self.help}
@@ -62,6 +67,10 @@ OPTIONS = [
     Option("--poison-uninitialized",
            "NaN-fill memory handed out uninitialised during loading, on every rank (memory is then not measured)",
            False, action="store_true"),
+    Option("--fsdp-accelerate-config",
+           "accelerate config YAML (what `accelerate launch --config_file` reads) or a shipped name: "
+           f"{', '.join(accelerate_config.shipped())} (default {accelerate_config.DEFAULT})",
+           accelerate_config.DEFAULT, metavar="FILE", cli_flag="--accelerate-config"),
     Option("--fsdp-batch-size", "cases per torchrun launch (0: all cases of a loader in one launch)", "0",
            metavar="N", cli=False),
 ]
@@ -155,4 +164,6 @@ def launch_config(get: Callable[[str], Any]) -> LaunchConfig:
         startup_timeout_s=parse_seconds(get("fsdp_startup_timeout"), "--fsdp-startup-timeout"),
         poison=bool(get("poison_uninitialized")),
         nnodes=nnodes,
+        accelerate_config=get("fsdp_accelerate_config") or accelerate_config.DEFAULT,
+        accelerate_env=accelerate_config.load(get("fsdp_accelerate_config")).env,
     )

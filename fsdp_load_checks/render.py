@@ -73,6 +73,13 @@ def difference_text(d: Difference, numel: int) -> str:
 def _memory_text(p: Problem) -> str:
     m = p.memory
     role = "the loading rank (LOCAL_RANK 0)" if m.loading else "a rank that only receives rank 0's weights"
+    if m.terms:
+        terms = " + ".join(f"{what} {size / MiB:.1f}" for what, size in m.terms)
+        return (
+            f"committed {m.committed / MiB:.1f} MiB ({m.multiple:.2f}x the {m.model_bytes / MiB:.1f} MiB model) "
+            f"during {m.phase}; {role} may commit at most {m.bound * m.model_bytes / MiB:.1f} MiB = {terms} "
+            f"({m.source}, peak over the phase)"
+        )
     return (
         f"committed {m.committed / MiB:.1f} MiB ({m.multiple:.2f}x the {m.model_bytes / MiB:.1f} MiB model) "
         f"during {m.phase}; {role} may commit at most {m.bound:g}x ({m.source}, peak over the phase)"

@@ -22,6 +22,9 @@ def toy(name: str, guards: str, dtype: str = "float32", *, persistent: bool = Fa
     return case.with_tags(PERSISTENT_BUFFER) if persistent else case
 
 
+# the memory size class: one shape for both dtypes
+BIG_LLAMA = dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8)
+
 TOY_CASES = [
     toy("llama-rope", "non-persistent RoPE inv_freq/original_inv_freq must be recomputed on every rank (untied)"),
     toy(
@@ -79,10 +82,13 @@ TOY_CASES = [
         "big-llama",
         "size class for the memory check (~290 MiB fp32): ranks that only receive must commit ~0x the model while "
         "loading (the zeros_like-era OOM regression committed 1x on every rank)",
-        vocab_size=16384,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=8,
+        **BIG_LLAMA,
+    ).with_tags(BIG),
+    toy(
+        "big-llama-bf16",
+        "the memory size class in bf16 (~145 MiB): under mixed precision, preparation must not upcast a full fp32 "
+        "copy of the model on ranks that only receive (accelerate 1.14+)",
+        "bfloat16",
+        **BIG_LLAMA,
     ).with_tags(BIG),
 ]

@@ -4,7 +4,8 @@ For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
 transformers, and changes four things (T2, T3, A1, A2), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
-as "the fixed loader, except this piece", showing only its own symptom:
+as "the fixed loader, except this piece", showing only its own symptom
+(A3 applies under a mixed-precision accelerate config only):
 
   T1  ranks 1..N: parameters and persistent buffers stay as loaded (memory-mapped,
       no page touched); only non-persistent buffers get placeholders, which
@@ -21,6 +22,9 @@ as "the fixed loader, except this piece", showing only its own symptom:
       buffer and every rank keeps it whole (accelerate issue 3898).
   A2  accelerate `fsdp2_prepare_model`: after preparation every rank takes rank 0's
       non-persistent buffers (broadcast) instead of re-registering its own copy.
+  A3  accelerate `fsdp2_prepare_model` under mixed precision (1.14+): ranks 1..N get
+      uncommitted fp32 placeholders for the parameters it upcasts, instead of an fp32
+      copy of weights the broadcast replaces (`upcast_placeholders`).
 
 Until this module was split out it was the `reference` loader; `reference`
 stays an alias of `fixed` for one release (loaders/__init__.py).
@@ -61,6 +65,12 @@ class Variant:
     # A1: "broadcast" (fixed) or "rank-local" (each rank keeps its own copy, no broadcast)
     persistent_buffers: str = "broadcast"
     broadcast_non_persistent: bool = True  # A2
+    # A3, under mixed precision: ranks 1..N upcast "placeholder" (uncommitted fp32 torch.empty, fixed) or
+    # "copy" (param.data.to(float32) of the loaded weights, accelerate 1.14+ as installed)
+    receiving_upcast: str = "placeholder"
+    # under mixed precision, accelerate 1.14+ upcasts trainable parameters to fp32 master weights; False
+    # re-creates accelerate <= 1.13, where the upcast was a no-op and master weights stayed half precision
+    fp32_master_weights: bool = True
 
 
 FIXED = Variant()
@@ -243,7 +253,14 @@ def _prepare_model(variant: Variant, installed):
         if isinstance(model, FSDPModule) or not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
             return installed(accelerator, model)
         groups = non_persistent_groups(model)  # before accelerate's model.to("meta") splits shared ones
-        model = installed(accelerator, model)
+        mixed = accelerator.mixed_precision != "no"
+        if mixed and not variant.fp32_master_weights:
+            with _mixed_precision_hidden(accelerator):  # accelerate <= 1.13: no upcast, the policy alone
+                model = installed(accelerator, model)
+        else:
+            if mixed and variant.receiving_upcast == "placeholder" and _non_loading_rank():
+                upcast_placeholders(model)  # A3
+            model = installed(accelerator, model)
         shared = [g if variant.share_buffers else g[:1] for g in groups]
         if variant.broadcast_non_persistent:
             broadcast_non_persistent(accelerator, model, shared)
@@ -255,6 +272,36 @@ def _prepare_model(variant: Variant, installed):
         return model
 
     return fsdp2_prepare_model
+
+
+def upcast_placeholders(model) -> None:
+    """A3: on a rank that only receives, the fp32 master weights start as uncommitted `torch.empty`.
+
+    accelerate 1.14+ upcasts each trainable non-fp32 parameter with
+    `param.data.to(torch.float32)` on every rank before `model.to("meta")`;
+    on ranks 1..N that copies memory-mapped weights the broadcast replaces,
+    committing an fp32 model per rank. With fp32 placeholders of the same
+    shape the installed upcast finds nothing to do, the state dict it
+    captures has the right dtypes, and no page is touched. Rank 0 keeps the
+    real upcast: it broadcasts from it.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32 and param.is_floating_point():
+            param.data = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+
+
+@contextlib.contextmanager
+def _mixed_precision_hidden(accelerator) -> Iterator[None]:
+    """`accelerator.mixed_precision` reads "no" for the duration (the upcast's condition); the plugin's policy stays."""
+    state = accelerator.state
+    saved = state._mixed_precision
+    state._mixed_precision = "no"
+    try:
+        yield
+    finally:
+        state._mixed_precision = saved
 
 
 def broadcast_non_persistent(accelerator, model, groups: list[list[str]]) -> None:

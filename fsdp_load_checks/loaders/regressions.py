@@ -114,6 +114,7 @@ class Regression:
     symptom: str = ""  # what the suite should see, and on which cases
     cases: tuple[str, ...] = ()  # the fewest toy cases that show it (tests/test_detection.py)
     poison: bool = False  # needs --poison-uninitialized to fail deterministically
+    every_rank: bool = False  # the bug is in what every rank holds, rank 0 included (not a receiving-rank bug)
 
 
 REGRESSIONS = [
@@ -157,6 +158,23 @@ REGRESSIONS = [
         dict(recompute_non_persistent=False, broadcast_non_persistent=False),
         "llama-rope: rank 1 inv_freq/original_inv_freq are zeros, logits differ",
         cases=("llama-rope",),
+    ),
+    Regression(
+        "upcast-on-every-rank",
+        "accelerate 1.14+ under mixed precision: every rank upcasts the loaded 16-bit parameters to fp32 "
+        "before moving the model to meta; ranks 1..N copy weights the broadcast replaces (the stock stack, minus A3)",
+        dict(receiving_upcast="copy"),
+        "big-llama-bf16@bf16: rank 1 commits ~3.5x the model during fsdp2_prepare (memory); tensors end right",
+        cases=("big-llama-bf16@bf16",),
+    ),
+    Regression(
+        "half-precision-master-weights",
+        "accelerate <= 1.13 under mixed precision: the upcast of trainable parameters is a no-op, so the "
+        "optimizer's master weights stay bf16 (accelerate issue 3979)",
+        dict(fp32_master_weights=False),
+        "bf16-checkpoint@bf16: every rank's parameters are bfloat16 where fp32 master weights belong (parameters)",
+        cases=("bf16-checkpoint@bf16",),
+        every_rank=True,
     ),
     Regression(
         "non-persistent-cast-to-model-dtype",

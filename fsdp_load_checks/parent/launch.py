@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from fsdp_load_checks import accelerate_config
 from fsdp_load_checks.parent.diagnosis import tail
 from fsdp_load_checks.parent.watchdog import Watch, dump_stacks, read_progress, wait
 from fsdp_load_checks.records import LaunchConfig, LaunchSpec, RankTask
@@ -60,6 +61,10 @@ def child_env() -> dict[str, str]:
     """The environment of every process the parent starts (ranks and the reference process)."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # glibc's dynamic mmap threshold rises after the first large free, so whether a tensor's memory is
+    # mmapped (returned on free) or kept in the heap depended on the case before it: memory figures then
+    # varied by 100 MiB for one case. A fixed threshold removes that cause.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     env.pop("ACCELERATE_USE_FSDP", None)  # ranks set the flags themselves, after init
     env.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
     return env
@@ -107,6 +112,8 @@ def _launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_pro
         case_timeout_s=cfg.case_timeout_s,
         control_timeout_s=min(cfg.control_timeout_s, cfg.case_timeout_s),
         poison=cfg.poison,
+        accelerate_config=cfg.accelerate_config,
+        accelerate_env=cfg.accelerate_env or accelerate_config.load(cfg.accelerate_config).env,
     )
     spec_file = spec_path(out_dir)
     spec.save(spec_file)

@@ -8,6 +8,7 @@ asking for the same cases launch them once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from fsdp_load_checks import checkpoints, observe, render
+from fsdp_load_checks import accelerate_config, checkpoints, observe, render
 from fsdp_load_checks.checks import verdicts
 from fsdp_load_checks.parent.diagnosis import lost_ranks
 from fsdp_load_checks.parent.launch import PORT_RETRIES, child_env, launch_once
@@ -65,9 +66,10 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
     return runs
 
 
-def materialize(root: Path, cases: list[Case], timeout_s: float) -> None:
+def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str = accelerate_config.DEFAULT) -> None:
     """Build checkpoints and reference observations in a fresh interpreter (the reference process)."""
-    cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *(c.name for c in cases)]
+    cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *(c.name for c in cases),
+           "--accelerate-config", run_config]
     try:
         proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
     except subprocess.TimeoutExpired:
@@ -81,14 +83,27 @@ def task_for(root: Path, case: Case) -> RankTask:
     return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault)
 
 
+def config_for(case: Case, cfg: LaunchConfig) -> LaunchConfig:
+    """The launch configuration a case runs under: the run's, or its own accelerate config (`Case.under`)."""
+    name = case.accelerate_config or cfg.accelerate_config
+    if name == cfg.accelerate_config:
+        return cfg
+    return dataclasses.replace(cfg, accelerate_config=name, accelerate_env=accelerate_config.load(name).env)
+
+
 def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Callable | None = None) -> dict[str, CaseResult]:
-    """Checkpoints and references, one launch (more after a crash or hang), and every case's verdicts."""
-    materialize(root, cases, timeout_s=cfg.startup_timeout_s + cfg.case_timeout_s * len(cases))
-    tasks = [task_for(root, c) for c in cases]
+    """Checkpoints and references, one launch per accelerate config (more after a crash or hang), every verdict."""
+    materialize(root, cases, cfg.startup_timeout_s + cfg.case_timeout_s * len(cases), cfg.accelerate_config)
+    groups: dict[str, tuple[LaunchConfig, list[RankTask]]] = {}
+    for case in cases:
+        launch_cfg = config_for(case, cfg)
+        groups.setdefault(launch_cfg.accelerate_config, (launch_cfg, []))[1].append(task_for(root, case))
     # every nccl rank owns a GPU: concurrent launches (pytest-xdist workers) take the GPUs in turn
     gpus = FileLock(str(GPU_LOCK)) if cfg.backend == "nccl" else contextlib.nullcontext()
+    runs: dict[str, CaseRun] = {}
     with gpus:
-        runs = run_tasks(tasks, cfg, root / "launches" / cfg.loader, on_progress)
+        for launch_cfg, tasks in groups.values():
+            runs.update(run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress))
     results = {}
     for case in cases:
         ref_file = reference_path(root, case.name)

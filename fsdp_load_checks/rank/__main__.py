@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from fsdp_load_checks import observe
-    from fsdp_load_checks.rank.prepare import make_accelerator, set_env_flags
+    from fsdp_load_checks.rank.prepare import export_env, make_accelerator
 
     if spec.backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -46,8 +46,9 @@ def main(argv: list[str]) -> None:
     # longer than the parent's per-case watchdog, so a hang is reported by the parent, naming the rank behind,
     # rather than as a collective timeout on the rank that was waiting for it
     dist.init_process_group(spec.backend, timeout=timedelta(seconds=spec.case_timeout_s + PG_TIMEOUT_MARGIN_S))
-    set_env_flags()
-    accelerator = make_accelerator(device) if spec.tasks else None  # an empty launch only proves the rendezvous
+    export_env(spec.accelerate_env)  # what `accelerate launch --config_file` would have exported
+    # an empty launch only proves the rendezvous
+    accelerator = make_accelerator(device, spec.accelerate_env) if spec.tasks else None
 
     code = 0
     for index, task in enumerate(spec.tasks):

@@ -22,7 +22,7 @@ class HarnessError(RuntimeError):
 def assert_path_under_test() -> None:
     """transformers must see FSDP + cpu_ram_efficient_loading, or every check passes vacuously.
 
-    accelerate's plugin rewrites the env flags as a side effect (see prepare.fresh_plugin); this
+    a plugin built with explicit arguments rewrites the env flags (see prepare.fresh_plugin); this
     catches that, and anything like it, on every case, on every rank.
     """
     from transformers.modeling_utils import is_fsdp_enabled
@@ -42,16 +42,17 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     from fsdp_load_checks.checkpoints import model_bytes
     from fsdp_load_checks.poison import poisoned
     from fsdp_load_checks.rank.memory import Sampler
-    from fsdp_load_checks.rank.prepare import prepare_fsdp2
+    from fsdp_load_checks.rank.prepare import prepare
     from fsdp_load_checks.records import MemoryProfile
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     obs = Observation(case=task.case, rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     obs.versions = observe.stack_versions()
+    obs.preparation = {"config": spec.accelerate_config}
     obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=spec.poison)
     phase = Phase.IMPORT
-    model = None
+    model = optimizer = None
     try:
         with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
             import_all(tuple(task.imports))
@@ -66,7 +67,10 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
                 phase = Phase.FSDP2_PREPARE
                 progress(phase)
                 memory.phase(phase)
-                model = prepare_fsdp2(accelerator, model, device)
+                model, optimizer, how, sizes = prepare(accelerator, model, spec.accelerate_env)
+                obs.preparation.update(how)
+                for name, value in sizes.items():
+                    setattr(obs.memory, name, value)
             phase = Phase.OBSERVE
             progress(phase)
             memory.phase(phase)
@@ -78,7 +82,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     except Exception as exc:  # recorded with the rank and phase; the parent decides
         obs.failure = observe.failure_from(exc, rank, phase)
     finally:
-        del model
+        del model, optimizer
         accelerator.free_memory()  # drops the references Accelerator.prepare keeps
         gc.collect()
     return obs

@@ -1,11 +1,30 @@
-"""FSDP2 preparation through accelerate's own code, on CUDA and on CPU.
+"""FSDP2 preparation the way users run it: `Accelerator.prepare(model, optimizer)`, on CUDA and on CPU.
 
-accelerate refuses FSDP without an accelerator (the plugin's __post_init__
-demands a device when cpu_ram_efficient_loading is on), so on CPU we build
-the plugin with the flag off, switch it on afterwards and hand the model to
-the real `fsdp2_prepare_model`. That is the function the flag exercises; the
-rest of `Accelerator.prepare` (optimizer, dataloader wrapping) is not on the
-loading path.
+Every rank exports the environment `accelerate launch --config_file` would
+have exported (`accelerate_config.py` builds it in the parent), builds one
+`Accelerator` per launch and, per case, a fresh
+`FullyShardedDataParallelPlugin()` that reads that environment, then calls
+`accelerator.prepare(model, AdamW(model.parameters()))`, which is
+accelerate's `_prepare_fsdp2`: wrap policy, activation checkpointing,
+compile, `fsdp2_prepare_model` (with its mixed-precision upcast) and the
+optimizer's parameter swap. The same call on CPU and CUDA.
+
+Forced on CPU only, because accelerate switches to FSDP only on accelerator
+devices (`AcceleratorState.__init__` sets `DistributedType.FSDP` for
+MULTI_GPU/NPU/XPU/... but leaves MULTI_CPU alone):
+
+- `distributed_type = DistributedType.FSDP`, in AcceleratorState's AND
+  PartialState's shared state: `AcceleratedOptimizer` builds a new
+  `AcceleratorState()`, which copies PartialState's MULTI_CPU back, after
+  which the next case of the launch would be wrapped in DDP instead.
+- `state.fsdp_plugin = plugin` and `plugin.set_mixed_precision(...)`: what
+  the same branch of `AcceleratorState.__init__` does on a GPU.
+
+Per case on both devices: a fresh plugin (`set_auto_wrap_policy` freezes
+the first model's layer classes into it) and the config's environment
+exported again (a plugin built with explicit arguments rewrites
+`FSDP_CPU_RAM_EFFICIENT_LOADING`; re-exporting keeps every case on the path
+under test).
 """
 
 from __future__ import annotations
@@ -14,45 +33,92 @@ import os
 
 import torch
 
-ENV_FLAGS = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+LEARNING_RATE = 1e-3
 
 
-def set_env_flags() -> None:
-    """What `accelerate launch` exports for fsdp_cpu_ram_efficient_loading=true; transformers reads them."""
-    os.environ.update(ENV_FLAGS)
-    os.environ.setdefault("FSDP_VERSION", "2")
+def export_env(env: dict[str, str]) -> None:
+    """What `accelerate launch` exports for the config; transformers and accelerate read it."""
+    os.environ.update(env)
 
 
-def make_accelerator(device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+def _force_fsdp_on_cpu(accelerator) -> None:
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
 
-    if device.type == "cuda":
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True)
-        return Accelerator(fsdp_plugin=plugin)
-    accelerator = Accelerator(cpu=True)
     accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def make_accelerator(device: torch.device, env: dict[str, str]):
+    """One Accelerator per launch, configured from `env` (mixed precision from ACCELERATE_MIXED_PRECISION)."""
+    from accelerate import Accelerator
+
+    export_env(env)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if device.type == "cpu":
+        _force_fsdp_on_cpu(accelerator)
     return accelerator
 
 
-def fresh_plugin(device: torch.device):
-    """A new plugin per model: `set_auto_wrap_policy` freezes the first model's layer classes into it."""
+def fresh_plugin(accelerator, env: dict[str, str]):
+    """A new plugin read from the config's environment, installed as accelerate's own branch would."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    if device.type == "cuda":
-        return FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True)
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=False)
-    plugin.cpu_ram_efficient_loading = True
-    # the plugin's __post_init__ exports FSDP_CPU_RAM_EFFICIENT_LOADING=False: left so, every later case
-    # in this launch would load plainly on every rank and the path under test would go unexercised
-    set_env_flags()
+    export_env(env)
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    if accelerator.device.type == "cpu":
+        _force_fsdp_on_cpu(accelerator)
+    export_env(env)
     return plugin
 
 
-def prepare_fsdp2(accelerator, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    accelerator.state.fsdp_plugin = fresh_plugin(device)
-    if device.type == "cuda":
-        return accelerator.prepare(model)
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+def prepare(accelerator, model: torch.nn.Module, env: dict[str, str]):
+    """`accelerator.prepare(model, AdamW(model.parameters()))` with a fresh plugin; (model, optimizer, how, sizes).
 
-    return fsdp2_prepare_model(accelerator, model)
+    `how` is read back from accelerate's own bookkeeping after the call, so a
+    test can tell that the real `Accelerator.prepare` ran (not a shortcut):
+    the model is the one accelerate registered, the optimizer is accelerate's
+    `AcceleratedOptimizer`, and `is_fsdp2` held. `sizes` are the terms of the
+    preparation memory bound (records.MemoryProfile: shard_bytes,
+    largest_tensor_bytes, upcast_bytes).
+    """
+    from accelerate.optimizer import AcceleratedOptimizer
+    from torch.distributed.fsdp import FSDPModule
+
+    fresh_plugin(accelerator, env)
+    upcast = upcast_bytes(model) if accelerator.mixed_precision != "no" else 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    how = {
+        "call": "Accelerator.prepare",
+        "registered_model": any(m is model for m in accelerator._models),
+        "optimizer": type(optimizer).__name__ if isinstance(optimizer, AcceleratedOptimizer) else "not accelerate's",
+        "is_fsdp2": bool(accelerator.is_fsdp2),
+        "fsdp_module": isinstance(model, FSDPModule),
+        "mixed_precision": str(accelerator.mixed_precision),
+        "device": accelerator.device.type,
+    }
+    shard, largest = prepared_sizes(model)
+    sizes = {"shard_bytes": shard, "largest_tensor_bytes": largest, "upcast_bytes": upcast}
+    return model, optimizer, how, sizes
+
+
+def upcast_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the fp32 copies accelerate 1.14+ makes of trainable non-fp32 parameters under mixed precision."""
+    return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad and p.dtype != torch.float32)
+
+
+def prepared_sizes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes this rank holds: parameter shards + buffers, bytes of the largest full parameter), as prepared."""
+    from torch.distributed.tensor import DTensor
+
+    shard = largest = 0
+    for param in model.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        shard += local.numel() * local.element_size()
+        largest = max(largest, param.numel() * param.element_size())
+    shard += sum(b.numel() * b.element_size() for b in model.buffers())
+    return shard, largest

@@ -16,6 +16,7 @@ FORGOTTEN_FLOAT_BUFFER = "forgotten-float-non-persistent-buffer"  # ... a floati
 SHARED_NON_PERSISTENT = "shared-non-persistent-buffer"  # one non-persistent tensor under two module names
 ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persistent buffer on the top-level model
 USER = "user"  # a user's checkpoint directory
+MIXED_PRECISION = "mixed-precision"  # the case runs under a mixed-precision accelerate config (Case.under)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,21 @@ class Case:
     tensors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     fault: str | None = None  # harness self-tests: a fault to inject into one rank (fsdp_load_checks/rank/faults.py)
     checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
+    # the accelerate config this case runs under (a shipped name or a path); None: the run's --accelerate-config
+    accelerate_config: str | None = None
+    checkpoint_of: str | None = None  # the case whose checkpoint this one loads (a variant shares it)
+
+    @property
+    def checkpoint_name(self) -> str:
+        """The name its checkpoint is built and stored under (shared by a case and its variants)."""
+        return self.checkpoint_of or self.name
+
+    def under(self, accelerate_config: str, suffix: str, *tags: str) -> Case:
+        """This case under another accelerate config, as `<name>@<suffix>`, loading the same checkpoint."""
+        return dataclasses.replace(
+            self, name=f"{self.name}@{suffix}", accelerate_config=accelerate_config,
+            checkpoint_of=self.checkpoint_name, tags=self.tags | frozenset(tags),
+        )
 
     def with_tags(self, *tags: str, tensors: Mapping[str, tuple[str, ...]] | None = None) -> Case:
         """This case with more tags; `tensors` maps a tag (added too) to the names of the tensors it is about."""

@@ -72,6 +72,10 @@ class MemoryProfile:
     local_rank: int = 0  # transformers' loading rank is LOCAL_RANK 0 (one per node)
     poisoned: bool = False  # uninitialised memory was NaN-filled: figures are inflated, the check is skipped
     phases: dict[str, PhaseMemory] = field(default_factory=dict)  # Phase value -> figures
+    # after preparation, the terms of the fsdp2_prepare bound (bytes; checks.preparation_bound)
+    shard_bytes: int = 0  # this rank's local shards of the prepared parameters and its buffers
+    largest_tensor_bytes: int = 0  # the largest full prepared parameter: one broadcast receive buffer
+    upcast_bytes: int = 0  # under mixed precision, fp32 master copies of 16-bit parameters (the whole model)
     trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
     marks: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, phase that began)
 
@@ -86,6 +90,7 @@ class Observation:
     tensors: dict[str, TensorRecord] = field(default_factory=dict)
     ties: list[tuple[str, ...]] = field(default_factory=list)  # names sharing one parameter
     logits: torch.Tensor | None = None  # float32, (batch, seq, vocab)
+    logits_dtype: str = ""  # reference only: the dtype logits were computed in under mixed precision ("": the model's)
     missing_keys: tuple[str, ...] = ()  # reference only: keys the checkpoint did not have
     # reference only: non-persistent buffers whose plain-load value differs from the model's own
     # __init__ value (the plain-load record is kept here; `tensors` holds the __init__ value)
@@ -93,6 +98,9 @@ class Observation:
     memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
     failure: Failure | None = None
     versions: dict[str, str] = field(default_factory=dict)  # package -> version
+    # ranks only: how the model was prepared, read back from accelerate's bookkeeping (rank/prepare.py):
+    # call, registered_model, optimizer, is_fsdp2, fsdp_module, mixed_precision, device; and the config's name
+    preparation: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

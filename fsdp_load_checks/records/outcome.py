@@ -73,6 +73,7 @@ class MemoryExcess:
     bound: float  # the allowed multiple of model_bytes
     loading: bool  # the rank is its node's LOCAL_RANK 0
     source: str  # how memory was measured (RssAnon)
+    terms: tuple[tuple[str, int], ...] = ()  # a bound made of named terms: (what, bytes), summed into `bound`
 
     @property
     def multiple(self) -> float:

@@ -25,6 +25,9 @@ class LaunchConfig:
     control_timeout_s: float = 5.0
     poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
     nnodes: int = 1  # >1: that many torchrun agents on this machine, one per simulated node
+    accelerate_config: str = "fsdp2"  # --accelerate-config: a shipped config's name or a YAML path
+    # what `accelerate launch --config_file` would export for it (ACCELERATE_*, FSDP_*): accelerate_config.load
+    accelerate_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
@@ -52,6 +55,8 @@ class LaunchSpec:
     case_timeout_s: float = 120.0
     control_timeout_s: float = 5.0  # how long a rank that raised waits to learn whether its peers did too
     poison: bool = False  # poison uninitialised memory on every rank, not only rank 0
+    accelerate_config: str = "fsdp2"  # the config's name, for the observations
+    accelerate_env: dict[str, str] = field(default_factory=dict)  # exported by every rank after init
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))

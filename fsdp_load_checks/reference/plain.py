@@ -13,8 +13,39 @@ from fsdp_load_checks.records import Case, Observation, Phase, TensorKind
 from fsdp_load_checks.tensors import init_non_persistent, set_tensor
 
 
-def observe_plain(case: Case, path: Path) -> Observation:
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """What accelerate's `fsdp2_prepare_model` (1.14+) does under mixed precision: fp32 master weights.
+
+    Every trainable parameter that is not float32 becomes float32
+    (`param.data = param.data.to(torch.float32)`, accelerate
+    utils/fsdp_utils.py); exact, so the ranks' prepared parameters must equal
+    these bit for bit.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+def cast_for_compute(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """FSDP2's MixedPrecisionPolicy(param_dtype=dtype): parameters cast for the forward, buffers left alone."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observation:
     """The single-process observation (rank -1), with each non-persistent buffer at its `__init__` value.
+
+    Under a mixed-precision accelerate config (`mixed_precision` bf16/fp16)
+    it is the plain load as accelerate's preparation leaves it: parameters
+    upcast to fp32 master weights (`upcast_trainable`), and logits computed
+    with parameters cast to the policy's param_dtype and returned in it
+    (accelerate's FSDP2 policy sets param_dtype = reduce_dtype =
+    output_dtype), with `logits_dtype` naming it so the forward check uses
+    that dtype's tolerance.
 
     transformers 5 restores non-persistent buffers only through
     `_init_weights`; where even this load loses one, the record is kept in
@@ -33,6 +64,9 @@ def observe_plain(case: Case, path: Path) -> Observation:
         with poisoned():
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         obs.missing_keys = tuple(sorted(info.get("missing_keys", ())))
+        compute = MIXED_PRECISION_DTYPES.get(mixed_precision)
+        if compute is not None:
+            upcast_trainable(model)
         phase = Phase.OBSERVE
         obs.tensors, obs.ties = observe.observe_tensors(model)
         phase = Phase.INIT_BUFFERS
@@ -44,7 +78,10 @@ def observe_plain(case: Case, path: Path) -> Observation:
                 obs.tensors[name] = want
                 set_tensor(model, name, want.value.clone())  # so the reference logits are right too
         phase = Phase.FORWARD
-        obs.logits = observe.forward_logits(model, torch.device("cpu"))
+        if compute is not None:
+            cast_for_compute(model, compute)
+            obs.logits_dtype = str(compute).removeprefix("torch.")
+        obs.logits = observe.forward_logits(model, torch.device("cpu"), output_dtype=compute)
     except Exception as exc:  # recorded: the parent reports it against the case
         obs.failure = observe.failure_from(exc, -1, phase)
     return obs
