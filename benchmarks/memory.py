@@ -1,10 +1,11 @@
-"""Memory committed by from_pretrained per rank, fixed vs regressed loader, as a fraction of the model.
+"""Memory committed in one phase per rank, fixed vs regressed loader, as a fraction of the model.
 
     python benchmarks/memory.py [--nproc 2 4] [--case big-llama] [--fixed stock fixed] [--regressed zeros-like-era]
+    python benchmarks/memory.py --nproc 2 --case big-llama-bf16@bf16 --phase fsdp2_prepare --fixed fixed --regressed stock
 
 Prints, for each world size, each rank's committed anonymous memory (peak
-over from_pretrained minus its start, RssAnon) divided by the checkpoint's
-bytes, and the ratio regressed / fixed on the receiving ranks.
+over the phase minus its start, RssAnon) divided by the checkpoint's bytes,
+and the ratio regressed / fixed on the receiving ranks.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from fsdp_load_checks.render import lost_line  # noqa: E402
 MiB = 1 << 20
 
 
-def fractions(root: Path, case, loader: str, nproc: int) -> dict[int, float]:
+def fractions(root: Path, case, loader: str, nproc: int, phase_name: str) -> dict[int, float]:
     cfg = LaunchConfig(nproc=nproc, loader=loader, case_timeout_s=600, startup_timeout_s=600)
     result = runner.run_batch(root, [case], cfg)[case.name]
     out = {}
     for rank, obs in sorted(result.run.observations.items()):
-        phase = obs.memory.phases.get("from_pretrained")
+        phase = obs.memory.phases.get(phase_name)
         out[rank] = phase.committed / obs.memory.model_bytes if phase else float("nan")
     if result.run.lost or len(out) < nproc:
         print(f"  {loader}: not every rank reported: {[lost_line(lost) for lost in result.run.lost]}")
@@ -43,13 +44,14 @@ def main() -> int:
     parser.add_argument("--case", default="big-llama")
     parser.add_argument("--fixed", nargs="+", default=["stock", "fixed"])
     parser.add_argument("--regressed", default="zeros-like-era")
+    parser.add_argument("--phase", default="from_pretrained", help="from_pretrained or fsdp2_prepare")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     case = catalogue.all_cases()[args.case]
     root = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     for nproc in args.nproc:
-        print(f"{args.case}, --nproc {nproc}: from_pretrained committed / model bytes, per rank")
-        table = {loader: fractions(root, case, loader, nproc) for loader in [*args.fixed, args.regressed]}
+        print(f"{args.case}, --nproc {nproc}: {args.phase} committed / model bytes, per rank")
+        table = {loader: fractions(root, case, loader, nproc, args.phase) for loader in [*args.fixed, args.regressed]}
         print(f"  {'loader':<24}" + "".join(f"{'rank ' + str(r):>10}" for r in range(nproc)))
         for loader, per_rank in table.items():
             print(f"  {loader:<24}" + "".join(f"{per_rank.get(r, float('nan')):>9.3f}x" for r in range(nproc)))

@@ -191,13 +191,15 @@ def run(args) -> int:
             if row.status.get(check) == "failed":
                 out.print(f"[bold red]FAIL[/] {row.case}/{check}: " + row.messages[check].replace("\n", "\n    "), highlight=False)
     failed = any(s == "failed" for row in rows for s in row.status.values())
-    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend, "passed": not failed}
+    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend,
+            "accelerate_config": cfg.accelerate_config, "passed": not failed}
     if args.json:
         report.write(args.json, report.to_json(rows, meta))
     if args.junit:
         report.write(args.junit, report.junit(rows, checks))
     if args.markdown:
-        header = f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nnodes} node(s) x {cfg.nproc} ranks ({cfg.backend})"
+        header = (f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nnodes} node(s) x {cfg.nproc} ranks ({cfg.backend}), "
+                  f"accelerate config {cfg.accelerate_config}")
         report.write(args.markdown, report.markdown(rows, checks, header))
     if args.plot_memory:
         from fsdp_load_checks.plot import PlotUnavailable, plot_memory

@@ -138,6 +138,17 @@ WHOLE_MODEL_ON_A_RECEIVING_RANK = Symptom(
 FP32_COPY_ON_A_RECEIVING_RANK = Symptom(
     kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FSDP2_PREPARE, loading=False, multiple=(2.0, 4.0)
 )
+# every rank, before loading: the efficient path is not switched on (rank/case.assert_path_under_test)
+TRAINER_WIRING_PATH_NOT_TAKEN = Symptom(
+    kinds=frozenset({ProblemKind.RAISED}),
+    exc_type="PathNotExercised",
+    message=(
+        "transformers does not see FSDP with cpu_ram_efficient_loading (is_fsdp_enabled() is False; "
+        "ACCELERATE_USE_FSDP=None, FSDP_CPU_RAM_EFFICIENT_LOADING='true'): every rank would load the whole "
+        "checkpoint itself"
+    ),
+    phase=Phase.FROM_PRETRAINED,
+)
 RECURRENT_GEMMA_ROPE = r"model\.layers\.\d+\.temporal_block\.rotary_emb\.(original_)?inv_freq"
 
 # Version ranges are exact: entries are strict, so a release inside a range where the bug is absent fails
@@ -266,6 +277,21 @@ KNOWN_ISSUES = [
         affected=">=1.14.0",
         selects=lambda case: BIG in case.tags and MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
         symptoms={"memory": (FP32_COPY_ON_A_RECEIVING_RANK,)},
+    ),
+    KnownIssue(
+        key="training-arguments-no-accelerate-use-fsdp",
+        url="https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/training_args.py#L2850",
+        title=(
+            "transformers 5.x: TrainingArguments(fsdp=..., fsdp_config={'cpu_ram_efficient_loading': True}) exports "
+            "FSDP_CPU_RAM_EFFICIENT_LOADING but not ACCELERATE_USE_FSDP (4.57 exported both); under plain torchrun a "
+            "from_pretrained after building the arguments is not the efficient load: is_fsdp_enabled() is False and "
+            "every rank reads the whole checkpoint (found by this suite's trainer-args loader, not yet reported)"
+        ),
+        package="transformers",
+        affected=">=5.0.0",
+        selects=lambda case: True,
+        symptoms=dict.fromkeys(ALL_CHECKS, (TRAINER_WIRING_PATH_NOT_TAKEN,)),
+        loaders=("trainer-args",),
     ),
     KnownIssue(
         key="reinit-era-memory",

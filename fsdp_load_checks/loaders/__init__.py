@@ -7,6 +7,7 @@ parent or the reference process.
   stock        the installed transformers and accelerate, untouched: what a fork's CI runs
   fixed        stock + the documented fix set (fixed.py, docs/fixed-loader.md)
   <regression> a historical regression re-created on top of `fixed` (regressions.py)
+  trainer-args the Trainer's wiring: TrainingArguments built in each rank before loading (trainer.py)
 
 `reference` is the fixed loader's old name, kept as an alias for one release
 (it was easy to confuse with the reference process, the plain single-process
@@ -22,6 +23,7 @@ from typing import ContextManager
 
 from fsdp_load_checks.loaders.fixed import FIXED, Variant, patched
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
+from fsdp_load_checks.loaders.trainer import trainer_arguments
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ LOADERS: dict[str, Loader] = {
 }
 for _r in REGRESSIONS:
     LOADERS[_r.name] = _variant_loader(_r.name, _r.summary, replace(FIXED, **_r.changes))
+LOADERS["trainer-args"] = Loader(
+    "trainer-args",
+    "the Trainer's wiring under plain torchrun: TrainingArguments(fsdp=True, fsdp_config={version: 2, "
+    "cpu_ram_efficient_loading: True}) built in each rank before from_pretrained, no accelerate launch",
+    trainer_arguments,
+)
 
 # old name -> new name; an alias loads exactly what its target loads, and is dropped after one release
 ALIASES = {"reference": FIXED_LOADER}

@@ -15,21 +15,30 @@ from datetime import timedelta
 from fsdp_load_checks.records import LaunchSpec, Observation, Phase, RankTask
 
 
-class HarnessError(RuntimeError):
-    """The rank is not exercising the path under test: a bug of the suite, never a verdict on the loader."""
+class PathNotExercised(RuntimeError):
+    """transformers would not take the cpu_ram_efficient_loading branch: every rank would load the whole model.
+
+    With the stock or fixed loader this is a bug of the suite (the env flags were lost); with a loader that
+    wires the path the way a user's script does (`trainer-args`), it is the finding.
+    """
 
 
 def assert_path_under_test() -> None:
     """transformers must see FSDP + cpu_ram_efficient_loading, or every check passes vacuously.
 
-    a plugin built with explicit arguments rewrites the env flags (see prepare.fresh_plugin); this
-    catches that, and anything like it, on every case, on every rank.
+    `is_fsdp_enabled()` (transformers modeling_utils) needs ACCELERATE_USE_FSDP and
+    FSDP_CPU_RAM_EFFICIENT_LOADING both true and a process group. A plugin built with explicit
+    arguments rewrites the flags (see prepare.fresh_plugin); this catches that, and anything like it,
+    on every case, on every rank.
     """
     from transformers.modeling_utils import is_fsdp_enabled
 
     if not is_fsdp_enabled():
-        flags = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
-        raise HarnessError(f"transformers does not see FSDP cpu_ram_efficient_loading enabled ({flags}): harness bug")
+        flags = ", ".join(f"{k}={os.environ.get(k)!r}" for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"))
+        raise PathNotExercised(
+            f"transformers does not see FSDP with cpu_ram_efficient_loading (is_fsdp_enabled() is False; {flags}): "
+            "every rank would load the whole checkpoint itself"
+        )
 
 
 def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) -> Observation:

@@ -1,0 +1,174 @@
+"""The preparation path users run: `Accelerator.prepare(model, optimizer)` from an accelerate config file.
+
+A real launch (torchrun, gloo, real Accelerator, real plugin, real AdamW) proves every rank of every case
+went through accelerate's own `prepare` under the config it was meant to; the mixed-precision semantics the
+checks rely on (fp32 master weights, compute in the policy's dtype) are proven on real models and on the
+checks' own functions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_load_checks import accelerate_config, catalogue, checks
+from fsdp_load_checks.parent import runner
+from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind
+from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
+
+# the first and the second case of one launch, under each config (a second case once went through DDP instead)
+CASES = ["llama-rope", "bf16-checkpoint", "llama-rope@bf16", "bf16-checkpoint@bf16"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return runner.run_batch(tmp_path_factory.mktemp("prep"), catalogue.select(CASES), LaunchConfig(nproc=2))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_rank_went_through_accelerator_prepare(prepared, case):
+    mixed = "bf16" if case.endswith("@bf16") else "no"
+    config = accelerate_config.BF16 if mixed == "bf16" else accelerate_config.DEFAULT
+    result = prepared[case]
+    assert sorted(result.run.observations) == [0, 1]
+    for rank, obs in result.run.observations.items():
+        assert obs.ok, obs.failure
+        assert obs.preparation == {
+            "config": config,
+            "call": "Accelerator.prepare",
+            "registered_model": True,  # the model accelerate keeps in Accelerator._models
+            "optimizer": "AcceleratedOptimizer",  # accelerate's wrapper around our AdamW
+            "is_fsdp2": True,
+            "fsdp_module": True,  # fully_shard applied
+            "mixed_precision": mixed,
+            "device": "cpu",
+        }, (case, rank)
+    assert all(v.passed or v.skipped for v in result.verdicts.values()), case
+
+
+def test_under_bf16_the_prepared_parameters_are_fp32_master_weights(prepared):
+    """bf16 checkpoint, bf16 config: every rank holds fp32 parameters, bit-equal to the plain load upcast."""
+    result = prepared["bf16-checkpoint@bf16"]
+    params = [r for r in result.reference.tensors.values() if r.kind == "parameter"]
+    assert params and all(r.dtype == "float32" for r in params)
+    for obs in result.run.observations.values():
+        got = {n: r for n, r in obs.tensors.items() if r.kind == "parameter"}
+        assert {n: r.dtype for n, r in got.items()} == {r.name: "float32" for r in params}
+        assert all(got[r.name].digest == r.digest for r in params)
+    # without mixed precision the same checkpoint stays bf16
+    plain = prepared["bf16-checkpoint"].run.observations[1].tensors
+    assert {r.dtype for r in plain.values() if r.kind == "parameter"} == {"bfloat16"}
+
+
+def test_under_bf16_logits_are_computed_in_bf16_and_judged_at_its_tolerance(prepared):
+    ref = prepared["llama-rope@bf16"].reference
+    assert ref.logits_dtype == "bfloat16"
+    fp32 = prepared["llama-rope"].reference
+    assert fp32.logits_dtype == "" and not torch.equal(ref.logits, fp32.logits)  # the policy's rounding shows
+    assert torch.equal(ref.logits, ref.logits.bfloat16().float())  # returned in the policy's output dtype
+
+
+def test_reference_upcast_and_compute_cast_are_what_accelerate_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    upcast_trainable(model)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param.detach(), before[name].float()), name
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    cast_for_compute(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.model.rotary_emb.inv_freq, inv_freq)  # buffers are not the policy's business
+
+
+def _obs(logits, dtype=""):
+    obs = Observation(case="c", rank=-1, world_size=1, logits=logits)
+    obs.logits_dtype = dtype
+    return obs
+
+
+def test_the_bf16_forward_comparison_fails_on_a_shift_bf16_rounding_cannot_explain():
+    from fsdp_load_checks.records import CaseRun
+
+    ref = _obs(torch.linspace(-4, 4, 64).bfloat16().float().view(1, 8, 8), "bfloat16")
+    run = CaseRun("c", 2, {0: _obs(ref.logits.clone()), 1: _obs(ref.logits + 0.25)})
+    problems = checks.check_forward(run, ref)
+    assert [(p.rank, p.kind, p.rtol) for p in problems] == [(1, ProblemKind.LOGITS, 1.6e-2)]
+    # one bf16 ulp of rounding passes at bf16 tolerance, and would fail at fp32's
+    nudged = ref.logits * (1 + 2**-9)
+    assert checks.check_forward(CaseRun("c", 1, {0: _obs(nudged)}), ref) == []
+    assert checks.check_forward(CaseRun("c", 1, {0: _obs(nudged)}), _obs(ref.logits)) != []
+    # a rank that produced no logits is a problem, never a pass
+    missing = checks.check_forward(CaseRun("c", 1, {0: _obs(None)}), ref)
+    assert [p.kind for p in missing] == [ProblemKind.NO_LOGITS]
+
+
+def test_shipped_configs_are_read_by_accelerate_as_launch_would():
+    default, bf16 = accelerate_config.load(accelerate_config.DEFAULT), accelerate_config.load(accelerate_config.BF16)
+    assert default.mixed_precision == "no" and bf16.mixed_precision == "bf16"
+    for config in (default, bf16):
+        assert config.env["ACCELERATE_USE_FSDP"] == "true"
+        assert config.env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+        assert config.env["FSDP_VERSION"] == "2"
+    assert bf16.env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"  # TRL's
+    assert bf16.env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+
+
+BAD_CONFIGS = {
+    "missing": (None, "no such file"),
+    "not-fsdp": ("distributed_type: MULTI_GPU\n", "distributed_type is not FSDP"),
+    "fsdp1": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "fsdp_version is 1"),
+    "unknown-key": ("distributed_type: FSDP\nno_such_key: 1\nfsdp_config:\n  fsdp_version: 2\n", "unknown keys"),
+    "unknown-fsdp-key": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_bogus: 1\n",
+                         "unknown fsdp_config key(s) fsdp_bogus"),
+    "bad-yaml": ("distributed_type: [FSDP\n", "accelerate cannot read it"),
+    "bad-mixed-precision": ("distributed_type: FSDP\nmixed_precision: bf17\nfsdp_config:\n  fsdp_version: 2\n",
+                            "mixed_precision bf17 is not checked here"),
+    "no-efficient-loading": ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
+                             "  fsdp_cpu_ram_efficient_loading: false\n", "fsdp_cpu_ram_efficient_loading is off"),
+}
+
+
+PYTEST_TOO = ("missing", "not-fsdp", "unknown-fsdp-key")  # one parser behind both front ends: a few prove it
+
+
+@pytest.mark.parametrize("kind", BAD_CONFIGS)
+def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, tmp_path):
+    text, message = BAD_CONFIGS[kind]
+    path = tmp_path / f"{kind}.yaml"
+    if text is not None:
+        path.write_text(text)
+    cli = subprocess.run([sys.executable, "-m", "fsdp_load_checks.cli", "zoo", "--accelerate-config", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2, cli.stderr
+    lines = cli.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in cli.stderr, cli.stderr
+    if kind not in PYTEST_TOO:
+        return
+    tests = Path(__file__).parent / "test_zoo.py"
+    py = subprocess.run([sys.executable, "-m", "pytest", "--fsdp-accelerate-config", str(path), "--collect-only", "-q",
+                         str(tests)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert py.returncode == 4 and message in py.stderr, py.stdout + py.stderr
+
+
+def test_the_trainers_wiring_is_reported_as_its_known_issue(tmp_path):
+    """TrainingArguments before from_pretrained under plain torchrun: every rank, every check, one exact symptom."""
+    from fsdp_load_checks import known_issues
+
+    cases = catalogue.select(["llama-rope", "tied-embeddings"])  # the second case of the launch too
+    results = runner.run_batch(tmp_path, cases, LaunchConfig(nproc=2, loader="trainer-args"))
+    for case in cases:
+        result = results[case.name]
+        assert {r: o.failure.exc_type for r, o in result.run.observations.items()} == {0: "PathNotExercised",
+                                                                                       1: "PathNotExercised"}
+        outcomes = known_issues.outcomes(result, case, "trainer-args")
+        assert {o.status for o in outcomes.values()} == {"xfailed"}, outcomes
+        assert {o.issues[0].key for o in outcomes.values()} == {"training-arguments-no-accelerate-use-fsdp"}
+        # the same failure under a loader the issue is not registered for is a plain failure
+        assert {o.status for o in known_issues.outcomes(result, case, "stock").values()} == {"failed"}
