@@ -180,6 +180,7 @@ def run(args) -> int:
             messages={c: m for c, m in messages.items() if m},
             memory=report.memory_figures(result.run.observations),
             memory_judged=report.judged(result.verdicts["memory"]),
+            preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
         ))
     out = Console()
     out.print(report.rows_table(rows, checks))

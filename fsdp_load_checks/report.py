@@ -26,6 +26,8 @@ class Row:
     messages: dict[str, str] = field(default_factory=dict)  # check -> failure / xfail message
     memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> committed bytes ("model": size)
     memory_judged: bool = False  # the memory check compared these figures with its bounds (see `judged`)
+    # rank -> how it was prepared: accelerate config, Accelerator.prepare evidence, mixed precision (JSON only)
+    preparation: dict[int, dict] = field(default_factory=dict)
 
 
 MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")

@@ -96,6 +96,8 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     data = json.loads(js.read_text())
     assert data["passed"] and data["cases"][0]["status"]["buffers"] == "passed"
     assert set(data["cases"][0]["memory"]) == {"0", "1"}  # per-rank memory figures reach the report
+    assert data["accelerate_config"] == "fsdp2"  # the report names the config and how each rank was prepared
+    assert data["cases"][0]["preparation"]["1"]["call"] == "Accelerator.prepare"
 
 
 def test_a_known_upstream_issue_is_expected_not_failed(tmp_path):
