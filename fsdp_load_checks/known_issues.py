@@ -294,6 +294,27 @@ KNOWN_ISSUES = [
         loaders=("trainer-args",),
     ),
     KnownIssue(
+        key="gemma3-no-split-modules-name-siglip",
+        url=(
+            "https://github.com/huggingface/transformers/blob/v5.6.0/src/transformers/models/gemma3/"
+            "modeling_gemma3.py#L442"
+        ),
+        title=(
+            "transformers 5.0-5.14: Gemma3PreTrainedModel._no_split_modules names the Siglip vision classes too, so "
+            "under TRANSFORMER_BASED_WRAP (TRL's FSDP2 config) accelerate's set_auto_wrap_policy cannot find them in "
+            "a text-only Gemma3ForCausalLM and raises on every rank; from 5.15 the list is Gemma3DecoderLayer alone. "
+            "The class named depends on set order (transformers keeps _no_split_modules as a set)"
+        ),
+        package="transformers",
+        affected=">=5.0.0,<5.15.0",
+        selects=lambda case: case.checkpoint_name == "arch-gemma3-text" and MIXED_PRECISION in case.tags,
+        symptoms=dict.fromkeys(ALL_CHECKS, tuple(
+            Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError", phase=Phase.FSDP2_PREPARE,
+                    message=f"Could not find the transformer layer class {name} in the model.")
+            for name in ("SiglipVisionEmbeddings", "SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead")
+        )),
+    ),
+    KnownIssue(
         key="reinit-era-memory",
         url="https://github.com/huggingface/transformers/blob/v5.3.0/src/transformers/modeling_utils.py#L4542",
         title=(
