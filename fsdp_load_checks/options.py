@@ -57,6 +57,9 @@ OPTIONS = [
            metavar="S", cli_aliases=("--timeout",)),
     Option("--fsdp-startup-timeout", "seconds for every rank to start (300)", "300", metavar="S",
            cli_aliases=("--startup-timeout",)),
+    Option("--fsdp-hang-budget",
+           "after this many launches of a batch hang in the same phase, the cases left are reported not run "
+           "instead of launched (2)", "2", metavar="K"),
     Option("--fsdp-backend", "auto: nccl when every rank can own a GPU, else gloo", "auto",
            choices=("auto", "gloo", "nccl"), cli_aliases=("--backend",)),
     Option("--poison-uninitialized",
@@ -155,4 +158,6 @@ def launch_config(get: Callable[[str], Any]) -> LaunchConfig:
         startup_timeout_s=parse_seconds(get("fsdp_startup_timeout"), "--fsdp-startup-timeout"),
         poison=bool(get("poison_uninitialized")),
         nnodes=nnodes,
+        hang_budget=whole_number(get("fsdp_hang_budget"), "--fsdp-hang-budget",
+                                 hint=": pass how many hangs in one phase end a batch, e.g. --fsdp-hang-budget 2"),
     )

@@ -25,6 +25,7 @@ class LaunchConfig:
     control_timeout_s: float = 5.0
     poison: bool = False  # --poison-uninitialized: NaN-fill uninitialised memory on every rank
     nnodes: int = 1  # >1: that many torchrun agents on this machine, one per simulated node
+    hang_budget: int = 2  # launches of a batch that may hang in one phase before the cases left are not run
 
     @property
     def world_size(self) -> int:
