@@ -207,7 +207,9 @@ def run(args) -> int:
         except PlotUnavailable as exc:
             raise UsageError(str(exc)) from None
     counts = {s: sum(row.status.get(c) == s for row in rows for c in checks) for s in ("passed", "xfailed", "failed")}
-    out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed")
+    not_run = sum(len(checks) for case in done if results[case.name].run.not_run)
+    out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed"
+              + (f" ({not_run} of them not run)" if not_run else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
 

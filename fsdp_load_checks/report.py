@@ -155,7 +155,8 @@ def failure_lines(rows: list[Row], checks: list[str], not_run: dict[str, str]) -
             if row.status.get(check) == "failed":
                 by_message.setdefault(row.messages[check], []).append(check)
         lines += [(f"{row.case}/{','.join(failed)}", message) for message, failed in by_message.items()]
-    lines += [(f"{', '.join(cases)} (every check)", why) for why, cases in skipped.items()]
+    lines += [(f"{', '.join(cases)} (every check of {len(cases)} case{'s' * (len(cases) > 1)})", why)
+              for why, cases in skipped.items()]
     return lines
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +35,24 @@ class SetupError(RuntimeError):
 GPU_LOCK = Path(tempfile.gettempdir()) / "fsdp-load-checks-gpus.lock"
 
 
+@dataclass
+class HangBudget:
+    """How many launches of a batch may hang in one phase before the cases left are not launched.
+
+    A regression that hangs every case would otherwise cost start-up plus the case timeout per case
+    (hours for the zoo); the first hangs already say all there is to say.
+    """
+
+    allowed: int  # --fsdp-hang-budget
+    hangs: dict[Phase, list[LostRank]] = field(default_factory=dict)  # phase -> the rank behind each hang there
+
+    def spend(self, behind: LostRank) -> NotRun | None:
+        """Count a launch that hung, `behind` its rank to blame; once spent, the NotRun for every case left."""
+        seen = self.hangs.setdefault(behind.phase, [])
+        seen.append(behind)
+        return NotRun(behind.phase, len(seen), seen[0]) if len(seen) >= self.allowed else None
+
+
 def read_run(task: RankTask, out_dir: Path, cfg: LaunchConfig) -> CaseRun:
     """What the ranks of one launch left for one case: the result files present."""
     run_ = CaseRun(task.case, cfg.world_size, launch_dir=str(out_dir))
@@ -53,7 +72,7 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
     rank finished are in `runs` before the exception goes on.
     """
     runs = {} if runs is None else runs
-    hangs: dict[Phase, list[LostRank]] = {}  # phase -> the rank behind each launch that hung there
+    budget = HangBudget(cfg.hang_budget)
     remaining = list(tasks)
     work_dir.mkdir(parents=True, exist_ok=True)
     while remaining:
@@ -81,12 +100,8 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
                     runs[task_.case] = CaseRun(task_.case, cfg.world_size, lost=run_.lost, launch_dir=str(out_dir))
                 remaining = []
             elif watch.case_timeout:
-                first = run_.lost[0]  # the rank behind (lost_ranks lists the one to blame first)
-                hangs.setdefault(first.phase, []).append(first)
-                if len(hangs[first.phase]) >= cfg.hang_budget:
-                    # the same hang again and again (a regression in every case): each relaunch would cost
-                    # start-up + the case timeout for nothing; report the rest at once
-                    skip = NotRun(first.phase, len(hangs[first.phase]), hangs[first.phase][0])
+                skip = budget.spend(run_.lost[0])  # lost_ranks lists the rank to blame first
+                if skip is not None:
                     for task_ in later:
                         runs[task_.case] = CaseRun(task_.case, cfg.world_size, not_run=skip)
                     remaining = []
