@@ -2,9 +2,9 @@
 one line and exits non-zero (the CLI 128 + N, with the verdicts complete by then in its report).
 
 Each run is held at its stage by a case from tests/fault_cases.py, so the signal lands there every time:
-`signal-building` (the reference process never gets its config), `signal-launching` (rank 0 sleeps
-before importing torch), `signal-midcase` (rank 0 sleeps in observe; with two ranks, rank 1 blocks in a
-gather). The process tree is recorded by pid before the signal, with the pid every rank wrote in its
+`signal-building` (the reference process never gets its config; the CLI is signalled as soon as that
+process starts), `signal-launching` (rank 0 sleeps before importing torch), `signal-midcase` (rank 0
+sleeps in observe; with two ranks, rank 1 blocks in a gather). The process tree is recorded by pid before the signal, with the pid every rank wrote in its
 progress file, and each of those must be gone 10 s after it. The three CLI runs go at once; the pytest
 run holds all three stages at once, one per xdist worker (-n 3, one item each), and the signal goes to
 its controller. Only the CLI's mid-case run has two ranks (the issue's reproduction); the others use one,
@@ -64,13 +64,15 @@ class Run:
 
     def reached(self, stage: str) -> bool:
         """Whether the run holds `stage` (of the case named after it)."""
-        if stage == "building":
-            return (self.root / "checkpoints" / "signal-building.lock").exists()
+        if stage == "building":  # its reference process started: `python -m fsdp_load_checks.reference ROOT CASE`
+            below = psutil.Process(self.proc.pid).children(recursive=True)
+            return any(_argv(p)[-1:] == ["signal-building"] for p in below)
         if stage == "launching":  # every rank started, none in a case yet
             states = self.progress("signal-launching")
             return len(states) == self.nproc and all(s["phase"] == "startup" for s in states)
         states = self.progress("signal-midcase")  # mid-case: every rank in observe
-        return len(states) == self.nproc and all((s["case"], s["phase"]) == ("signal-midcase", "observe") for s in states)
+        here = [s for s in states if (s["case"], s["phase"]) == ("signal-midcase", "observe")]
+        return len(here) == len(states) == self.nproc
 
     def record(self, case_pids: list[int]) -> None:
         """The process tree by pid, before the signal: the front end's descendants and every rank's own pid."""
@@ -110,6 +112,13 @@ class Run:
         self.proc.wait(timeout=30)
 
 
+def _argv(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
 def rank_pids(run: Run) -> list[int]:
     return [int(s["pid"]) for case in ("signal-launching", "signal-midcase") for s in run.progress(case)]
 
@@ -130,7 +139,7 @@ def drive(runs: list[Run], stages: dict[str, list[str]]) -> None:
         for run in signalled:  # timed while the others still wait for their stage
             run.poll()
         assert time.monotonic() < deadline, [r.name for r in waiting]
-        time.sleep(0.02)
+        time.sleep(0.01 if signalled else 0.1)  # fine-grained only while timing
     deadline = time.monotonic() + GONE_WITHIN_S + 50  # the front ends may take longer to exit than their children
     while not all(run.poll() for run in runs) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -195,7 +204,7 @@ def test_pytest_stopped_with_a_worker_at_each_stage_ends_everything(tmp_path):
            "--fsdp-cases", "signal-building,signal-launching,signal-midcase"]  # one item per case, one per worker
     run = Run("pytest -n 3", cmd, tmp_path / "base" / "fsdp-load-checks", "all", signal.SIGTERM, nproc=1)
     try:
-        drive([run], {run.name: ["building", "launching", "midcase"]})
+        drive([run], {run.name: ["midcase", "launching", "building"]})  # the cheapest check first
     finally:
         if run.proc.returncode is None:
             run.kill()
