@@ -4,11 +4,12 @@ one line and exits non-zero (the CLI 128 + N, with the verdicts complete by then
 Each run is held at its stage by a case from tests/fault_cases.py, so the signal lands there every time:
 `signal-building` (the reference process never gets its config; the CLI is signalled as soon as that
 process starts), `signal-launching` (rank 0 sleeps before importing torch), `signal-midcase` (rank 0
-sleeps in observe; with two ranks, rank 1 blocks in a gather). The process tree is recorded by pid before the signal, with the pid every rank wrote in its
-progress file, and each of those must be gone 10 s after it. The three CLI runs go at once; the pytest
-run holds all three stages at once, one per xdist worker (-n 3, one item each), and the signal goes to
-its controller. Only the CLI's mid-case run has two ranks (the issue's reproduction); the others use one,
-since every rank lives in a session of its own either way and each costs a few CPU-seconds of imports.
+sleeps in observe; with two ranks, rank 1 blocks in a gather). The process tree is recorded by pid
+before the signal, with the pid every rank wrote in its progress file, and each of those must be gone
+10 s after it. The three CLI runs go at once; the pytest run holds all three stages at once, one per
+xdist worker (-n 3, one item each), and the signal goes to its controller. Only the CLI's mid-case run
+has two ranks (the issue's reproduction); the others use one, since every rank lives in a session of
+its own either way and each costs a few CPU-seconds of imports.
 """
 
 from __future__ import annotations

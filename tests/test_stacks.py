@@ -93,3 +93,23 @@ def test_progress_that_already_tells_is_kept_and_named():
     # two ranks stuck on their own (neither in a collective): both really hang
     apart = stacks.judge(Watch(hung={0, 1}), {0: stacks.main_stack(COMPUTING), 1: stacks.main_stack(ASLEEP)})
     assert (apart.hung, apart.overdue) == ({0, 1}, set())
+
+
+def test_the_judgement_becomes_each_ranks_story(tmp_path):
+    from fsdp_load_checks import render
+    from fsdp_load_checks.parent.diagnosis import lost_ranks
+    from fsdp_load_checks.records import LaunchConfig, LostHow
+
+    cfg = LaunchConfig(case_timeout_s=8)
+    tie = stacks.judge(Watch(hung={0, 1}), {0: stacks.main_stack(BROADCAST), 1: stacks.main_stack(ASLEEP)})
+    hung, blocked = lost_ranks("c", [0, 1], tmp_path, cfg, tie, 3)
+    assert render.lost_line(hung) == ("rank 1 hung for more than 8s (killed; Python stacks in its log) during startup "
+                                      "of c (rank 0 waiting for it in broadcast)")
+    assert render.lost_line(blocked) == "rank 0 was blocked waiting for rank 1 in broadcast (killed) during startup of c"
+    undecided = stacks.judge(Watch(hung={0, 1}), {0: stacks.main_stack(BROADCAST), 1: stacks.main_stack(GATHER)})
+    lost = lost_ranks("c", [0, 1], tmp_path, cfg, undecided, 3)
+    assert [x.how for x in lost] == [LostHow.OVERDUE, LostHow.OVERDUE]
+    assert render.lost_line(lost[1]) == (
+        "rank 1 overstayed 8s (killed; Python stacks in its log) during startup of c; the stacks cannot tell which "
+        "rank is behind: every one of them waits in a collective (broadcast, full_tensor)"
+    )
