@@ -105,7 +105,9 @@ def test_the_judgement_becomes_each_ranks_story(tmp_path):
     hung, blocked = lost_ranks("c", [0, 1], tmp_path, cfg, tie, 3)
     assert render.lost_line(hung) == ("rank 1 hung for more than 8s (killed; Python stacks in its log) during startup "
                                       "of c (rank 0 waiting for it in broadcast)")
-    assert render.lost_line(blocked) == "rank 0 was blocked waiting for rank 1 in broadcast (killed) during startup of c"
+    assert render.lost_line(blocked) == (
+        "rank 0 was blocked waiting for rank 1 in broadcast (killed) during startup of c"
+    )
     undecided = stacks.judge(Watch(hung={0, 1}), {0: stacks.main_stack(BROADCAST), 1: stacks.main_stack(GATHER)})
     lost = lost_ranks("c", [0, 1], tmp_path, cfg, undecided, 3)
     assert [x.how for x in lost] == [LostHow.OVERDUE, LostHow.OVERDUE]
