@@ -12,6 +12,12 @@ Progress ticks (watchdog.split_overdue) already order ranks within our own
 observe phase; stacks decide where they tie, e.g. inside accelerate's
 `fsdp2_prepare_model`, where no tick is announced. When stacks cannot tell
 (missing, or every rank waits in a collective), the ranks are OVERDUE, not HUNG.
+
+Verified on gloo (CPU), where a collective blocks the calling thread. On nccl a
+collective returns before it completes, so a waiting rank is seen at its next
+CUDA synchronisation instead, outside torch.distributed; there the stacks decide
+less often and progress ticks carry the judgement (not verified: no machine
+with two GPUs was available).
 """
 
 from __future__ import annotations
