@@ -181,7 +181,7 @@ def run(args) -> int:
     meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend, "passed": not failed}
     if stopped is not None:
         why = f"stopped by {stop.signal_name(stopped.signum)}"
-        meta.update(passed=False, complete=False, stopped=why, not_run=[c.name for c in selected if c not in done])
+        meta.update(passed=False, complete=False, stopped=why, unfinished=[c.name for c in selected if c not in done])
         note = f"incomplete: {why}, {len(done)} of {len(selected)} case(s) ran"
         written = write_reports(args, rows, checks, meta, cfg, note=note)
         where = f", in {', '.join(written)} (marked incomplete)" if written else ""

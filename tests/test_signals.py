@@ -190,12 +190,12 @@ def test_the_cli_stopped_at_each_stage_ends_everything_and_reports_what_was_comp
         assert report["complete"] is False and report["passed"] is False, report
         done = {case["case"]: case["status"] for case in report["cases"]}
         if run.stage == "midcase":
-            assert list(done) == ["fault-none-before"] and report["not_run"] == ["signal-midcase"], report
+            assert list(done) == ["fault-none-before"] and report["unfinished"] == ["signal-midcase"], report
             statuses = done["fault-none-before"]  # memory is skipped: a tiny model
             assert statuses == {"no-nan": "passed", "buffers": "passed", "parameters": "passed", "forward": "passed",
                                 "memory": "skipped"}, statuses
         else:
-            assert done == {} and report["not_run"] == [f"signal-{run.stage}"], report
+            assert done == {} and report["unfinished"] == [f"signal-{run.stage}"], report
 
 
 def test_pytest_stopped_with_a_worker_at_each_stage_ends_everything(tmp_path):
