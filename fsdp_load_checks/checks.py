@@ -258,8 +258,9 @@ CHECK_MEANING = {
 }
 
 
-# problems that leave nothing to verify: a failed reference, a rank that raised, a rank that wrote no result
-BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST)
+# problems that leave nothing to verify: a failed reference, a rank that raised, a rank that wrote no result,
+# a case never launched
+BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST, ProblemKind.NOT_RUN)
 
 
 def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list[Problem]:
@@ -269,6 +270,8 @@ def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list
     tensor, so only the forward check is blocked by it; a rank that wrote
     no result, or raised earlier, blocks every check.
     """
+    if run.not_run is not None:  # never launched: that is the whole story
+        return [Problem(check, run.case, ProblemKind.NOT_RUN, not_run=run.not_run)]
     needs_logits = check == "forward"
 
     def blocks(obs: Observation) -> bool:

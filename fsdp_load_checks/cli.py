@@ -1,7 +1,10 @@
 """`fsdp-load-checks`: the suite from a shell, for the zoo or for your own checkpoint.
 
 Exit status: 0 every check passed (known upstream issues count as expected),
-1 a check failed, 2 usage or environment error (one line on stderr).
+1 a check failed, 2 usage or environment error (one line on stderr),
+128 + N stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP): every process
+the run started is ended, the reports asked for hold the cases complete by
+then, marked incomplete, and stderr gets one line.
 """
 
 from __future__ import annotations
@@ -139,9 +142,9 @@ def run(args) -> int:
         TimeElapsedColumn,
     )
 
-    from fsdp_load_checks import known_issues, render, report
+    from fsdp_load_checks import report
     from fsdp_load_checks.checks import CHECK_MEANING
-    from fsdp_load_checks.parent import runner
+    from fsdp_load_checks.parent import runner, stop
 
     cfg = launch_config(args)
     for flag in ("json", "junit", "markdown"):
@@ -156,52 +159,45 @@ def run(args) -> int:
     root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fsdp-load-checks-"))
     root.mkdir(parents=True, exist_ok=True)
     checks = list(CHECK_MEANING)
+    stopped = None
     try:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
+        # no bar when stderr is not a terminal (CI logs): rich would still end it with an empty line
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task(f"{len(selected)} case(s) x {cfg.nproc} rank(s), loader {cfg.loader}", total=len(selected) * cfg.world_size)
             results = runner.run_batch(root, selected, cfg, on_progress=lambda case, rank: progress.advance(task))
     except runner.SetupError as exc:
         console.print(f"[bold red]error:[/] {str(exc).splitlines()[0]}")
         return EXIT_USAGE
+    except stop.Stopped as exc:  # every process the run started is gone; report what was complete
+        stopped, results = exc, exc.results
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
 
-    rows = []
-    for case in selected:
-        result = results[case.name]
-        outcomes = known_issues.outcomes(result, case, cfg.loader)
-        messages = {c: render.outcome_message(o) for c, o in outcomes.items()}
-        rows.append(report.Row(
-            case=case.name,
-            guards=case.guards,
-            status={c: str(o.status) for c, o in outcomes.items()},
-            messages={c: m for c, m in messages.items() if m},
-            memory=report.memory_figures(result.run.observations),
-            memory_judged=report.judged(result.verdicts["memory"]),
-            preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
-        ))
+    done = [case for case in selected if case.name in results]
+    rows = report_rows(done, results, cfg.loader)
+    failed = any(s == "failed" for row in rows for s in row.status.values())
+    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend,
+            "accelerate_config": cfg.accelerate_config, "passed": not failed}
+    if stopped is not None:
+        why = f"stopped by {stop.signal_name(stopped.signum)}"
+        meta.update(passed=False, complete=False, stopped=why, unfinished=[c.name for c in selected if c not in done])
+        note = f"incomplete: {why}, {len(done)} of {len(selected)} case(s) ran"
+        written = write_reports(args, rows, checks, meta, cfg, note=note)
+        where = f", in {', '.join(written)} (marked incomplete)" if written else ""
+        print(f"fsdp-load-checks: {why}; every process the run started was ended; "
+              f"{len(done)} of {len(selected)} case(s) complete{where}", file=sys.stderr)
+        return stop.exit_code(stopped.signum)
+
     out = Console()
     out.print(report.rows_table(rows, checks))
     judged = report.judged_memory(rows)
     if judged:
         out.print(report.memory_table(judged))
-    for row in rows:
-        for check in checks:
-            if row.status.get(check) == "failed":
-                out.print(f"[bold red]FAIL[/] {row.case}/{check}: " + row.messages[check].replace("\n", "\n    "), highlight=False)
-    failed = any(s == "failed" for row in rows for s in row.status.values())
-    meta = {"loader": cfg.loader, "nproc": cfg.nproc, "nnodes": cfg.nnodes, "backend": cfg.backend,
-            "accelerate_config": cfg.accelerate_config, "passed": not failed}
-    if args.json:
-        report.write(args.json, report.to_json(rows, meta))
-    if args.junit:
-        report.write(args.junit, report.junit(rows, checks))
-    if args.markdown:
-        header = (f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nnodes} node(s) x {cfg.nproc} ranks ({cfg.backend}), "
-                  f"accelerate config {cfg.accelerate_config}")
-        report.write(args.markdown, report.markdown(rows, checks, header))
+    for label, text in failure_lines(done, results, rows, checks):
+        out.print(f"[bold red]FAIL[/] {label}: " + text.replace("\n", "\n    "), highlight=False)
+    write_reports(args, rows, checks, meta, cfg)
     if args.plot_memory:
         from fsdp_load_checks.plot import PlotUnavailable, plot_memory
 
@@ -212,14 +208,67 @@ def run(args) -> int:
         except PlotUnavailable as exc:
             raise UsageError(str(exc)) from None
     counts = {s: sum(row.status.get(c) == s for row in rows for c in checks) for s in ("passed", "xfailed", "failed")}
-    out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed")
+    not_run = sum(len(checks) for case in done if results[case.name].run.not_run)
+    out.print(f"{counts['passed']} passed, {counts['xfailed']} known upstream issue(s), {counts['failed']} failed"
+              + (f" ({not_run} of them not run)" if not_run else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def report_rows(cases, results: dict, loader: str) -> list:
+    """One report row per case: outcomes against the known issues, messages, memory figures."""
+    from fsdp_load_checks import known_issues, render, report
+
+    rows = []
+    for case in cases:
+        result = results[case.name]
+        outcomes = known_issues.outcomes(result, case, loader)
+        messages = {c: render.outcome_message(o) for c, o in outcomes.items()}
+        rows.append(report.Row(
+            case=case.name,
+            guards=case.guards,
+            status={c: str(o.status) for c, o in outcomes.items()},
+            messages={c: m for c, m in messages.items() if m},
+            memory=report.memory_figures(result.run.observations),
+            memory_judged=report.judged(result.verdicts["memory"]),
+            preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
+        ))
+    return rows
+
+
+def failure_lines(cases, results: dict, rows: list, checks: list[str]) -> list[tuple[str, str]]:
+    """The FAIL lines: checks failing alike share one, so do cases not run for one reason (report.failure_lines)."""
+    from fsdp_load_checks import render, report
+
+    not_run = {c.name: render.not_run_text(results[c.name].run.not_run) for c in cases if results[c.name].run.not_run}
+    return report.failure_lines(rows, checks, not_run)
+
+
+def write_reports(args, rows, checks: list[str], meta: dict, cfg, note: str = "") -> list[str]:
+    """The reports asked for (--json, --junit, --markdown); `note` marks them (e.g. incomplete). Returns their paths."""
+    from fsdp_load_checks import report
+
+    written = []
+    if args.json:
+        report.write(args.json, report.to_json(rows, meta))
+        written.append(args.json)
+    if args.junit:
+        report.write(args.junit, report.junit(rows, checks, properties={"note": note} if note else None))
+        written.append(args.junit)
+    if args.markdown:
+        header = (f"# fsdp-load-checks: loader {cfg.loader}, {cfg.nnodes} node(s) x {cfg.nproc} ranks ({cfg.backend}), "
+                  f"accelerate config {cfg.accelerate_config}")
+        report.write(args.markdown, report.markdown(rows, checks, header + (f"\n\n**{note}**" if note else "")))
+        written.append(args.markdown)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fsdp_load_checks.parent import stop
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "zoo")
+    stop.install()  # SIGTERM, SIGINT, SIGHUP: end every process the run started, report, exit 128 + N
     try:
         args = build_parser().parse_args(argv)
         if args.command == "list":
@@ -230,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head`
         return EXIT_OK
-    except KeyboardInterrupt:
-        print("fsdp-load-checks: interrupted; every rank was stopped", file=sys.stderr)
-        return 130
+    except stop.Stopped as stopped:  # before any case ran (run() reports the ones complete itself)
+        print(f"fsdp-load-checks: {stopped}; every process the run started was ended", file=sys.stderr)
+        return stop.exit_code(stopped.signum)
     except Exception as exc:  # a bug of ours: one line, the traceback on request
         if os.environ.get("FSDP_LOAD_CHECKS_DEBUG"):
             raise
@@ -242,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    finally:
+        stop.uninstall()
 
 
 if __name__ == "__main__":

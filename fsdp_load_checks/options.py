@@ -62,6 +62,9 @@ OPTIONS = [
            metavar="S", cli_aliases=("--timeout",)),
     Option("--fsdp-startup-timeout", "seconds for every rank to start (300)", "300", metavar="S",
            cli_aliases=("--startup-timeout",)),
+    Option("--fsdp-hang-budget",
+           "after this many launches of a batch hang in the same phase, the cases left are reported not run "
+           "instead of launched (2)", "2", metavar="K"),
     Option("--fsdp-backend", "auto: nccl when every rank can own a GPU, else gloo", "auto",
            choices=("auto", "gloo", "nccl"), cli_aliases=("--backend",)),
     Option("--poison-uninitialized",
@@ -166,4 +169,6 @@ def launch_config(get: Callable[[str], Any]) -> LaunchConfig:
         nnodes=nnodes,
         accelerate_config=get("fsdp_accelerate_config") or accelerate_config.DEFAULT,
         accelerate_env=accelerate_config.load(get("fsdp_accelerate_config")).env,
+        hang_budget=whole_number(get("fsdp_hang_budget"), "--fsdp-hang-budget",
+                                 hint=": pass how many hangs in one phase end a batch, e.g. --fsdp-hang-budget 2"),
     )

@@ -9,6 +9,7 @@ or another xdist worker, reads the stored result.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from fsdp_load_checks import known_issues, options, render
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.options import OPTIONS, launch_config, parse_batch_size
-from fsdp_load_checks.parent import runner
+from fsdp_load_checks.parent import runner, stop
 from fsdp_load_checks.records import CaseResult, LaunchConfig, Outcome, Status
 from fsdp_load_checks.report import judged, memory_figures
 
@@ -30,6 +31,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fsdp_case(name): an FSDP2 loading case item")
+    # SIGTERM, SIGINT, SIGHUP in the controller and in every xdist worker: end every process the run
+    # started (a worker's launches; the controller's workers and all below them), then interrupt pytest
+    stop.install()
     try:
         config._fsdp_launch = launch_config(config.getoption)
         config._fsdp_batch_size = parse_batch_size(config.getoption("fsdp_batch_size"))
@@ -40,6 +44,24 @@ def pytest_configure(config):
     alias = options.loader_alias_note(config.getoption("loader"))
     if alias:
         config.issue_config_time_warning(pytest.PytestWarning(alias), stacklevel=2)
+
+
+def is_worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionfinish(session):
+    signum = stop.stopped_by()
+    if signum is not None and not is_worker(session.config):
+        session.exitstatus = stop.exit_code(signum)  # as the CLI: 128 + N
+
+
+def pytest_unconfigure(config):
+    signum = stop.stopped_by()
+    if signum is not None and not is_worker(config):  # one line, from the process the signal was sent to
+        print(f"fsdp-load-checks: stopped by {stop.signal_name(signum)}; every process the run started was ended",
+              file=sys.stderr)
+    stop.uninstall()
 
 
 def selected_cases(config) -> list:

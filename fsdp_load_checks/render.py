@@ -17,6 +17,7 @@ from fsdp_load_checks.records import (
     Failure,
     LostHow,
     LostRank,
+    NotRun,
     Observation,
     Outcome,
     Problem,
@@ -32,11 +33,23 @@ def failure_line(failure: Failure) -> str:
     return f"rank {failure.rank} raised {failure.exc_type}: {failure.message} (during {failure.phase})"
 
 
+def _ranks(ranks: tuple[int, ...]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _blocked(lost: LostRank) -> str:
+    where = f" in {lost.collective}" if lost.collective else ""
+    if not lost.behind:
+        return f"was blocked{where} (killed)"
+    return f"was blocked waiting for {_ranks(lost.behind)}{where} (killed)"
+
+
 def lost_line(lost: LostRank) -> str:
-    """rank R <how> during PHASE of CASE[, exit code C (SIGNAL)]."""
+    """rank R <how> during PHASE of CASE[, exit code C (SIGNAL)][ (who waited for it, or why nobody is blamed)]."""
     how = {
         LostHow.HUNG: f"hung for more than {lost.timeout_s:g}s (killed; Python stacks in its log)",
-        LostHow.BLOCKED: f"was blocked waiting for rank {', '.join(map(str, lost.behind))} (killed)",
+        LostHow.OVERDUE: f"overstayed {lost.timeout_s:g}s (killed; Python stacks in its log)",
+        LostHow.BLOCKED: _blocked(lost),
         LostHow.NEVER_STARTED: (
             f"never started: rendezvous port {lost.port} was in use {lost.port_tries} times in a row "
             "(another program is binding ports as fast as we pick them; free some ports or retry)"
@@ -53,7 +66,18 @@ def lost_line(lost: LostRank) -> str:
             signame = f" ({signal.Signals(-lost.exit_code).name})"
         except ValueError:
             pass
-    return f"rank {lost.rank} {how} during {phase} of {lost.case}{code}{signame}"
+    after = ""
+    if lost.how == LostHow.HUNG and lost.waited_by:
+        where = f" in {lost.collective}" if lost.collective else ""
+        after = f" ({_ranks(lost.waited_by)} waiting for it{where})"
+    elif lost.how == LostHow.OVERDUE:
+        after = f"; the stacks cannot tell which rank is behind: {lost.why}"
+    return f"rank {lost.rank} {how} during {phase} of {lost.case}{code}{signame}{after}"
+
+
+def not_run_text(not_run: NotRun) -> str:
+    return (f"not run: the previous {not_run.hangs} cases hung in {not_run.phase}; "
+            f"the first: {lost_line(not_run.first)}")
 
 
 def difference_text(d: Difference, numel: int) -> str:
@@ -123,6 +147,8 @@ def problem_text(p: Problem) -> str:
         return failure_line(p.failure)
     if p.kind == ProblemKind.LOST:
         return lost_line(p.lost)
+    if p.kind == ProblemKind.NOT_RUN:
+        return not_run_text(p.not_run)
     return f"rank {p.rank} {_RANK_TEXT[p.kind](p)}"
 
 

@@ -139,13 +139,41 @@ def to_json(rows: list[Row], meta: dict) -> str:
     return json.dumps({**meta, "cases": [row.__dict__ for row in rows]}, indent=2, default=str)
 
 
-def junit(rows: list[Row], checks: list[str], suite_name: str = "fsdp-load-checks") -> str:
-    """JUnit XML: one testcase per (case, check); xfail as skipped, as pytest writes it."""
+def failure_lines(rows: list[Row], checks: list[str], not_run: dict[str, str]) -> list[tuple[str, str]]:
+    """The CLI's failure lines as (label, text): one per case and message, and one per story for cases not run.
+
+    Checks of a case that fail with one message (a crash fails them all alike) share a line labelled
+    `case/check,check`; cases in `not_run` (case -> why) share one line per reason, labelled with their
+    names, instead of one line per check of each.
+    """
+    lines: list[tuple[str, str]] = []
+    skipped: dict[str, list[str]] = {}
+    for row in rows:
+        if row.case in not_run:
+            skipped.setdefault(not_run[row.case], []).append(row.case)
+            continue
+        by_message: dict[str, list[str]] = {}
+        for check in checks:
+            if row.status.get(check) == "failed":
+                by_message.setdefault(row.messages[check], []).append(check)
+        lines += [(f"{row.case}/{','.join(failed)}", message) for message, failed in by_message.items()]
+    lines += [(f"{', '.join(cases)} (every check of {len(cases)} case{'s' * (len(cases) > 1)})", why)
+              for why, cases in skipped.items()]
+    return lines
+
+
+def junit(rows: list[Row], checks: list[str], suite_name: str = "fsdp-load-checks",
+          properties: dict[str, str] | None = None) -> str:
+    """JUnit XML: one testcase per (case, check); xfail as skipped, as pytest writes it; `properties` on the suite."""
     import xml.etree.ElementTree as ET
 
     failures = sum(r.status.get(c) == "failed" for r in rows for c in checks)
     skipped = sum(r.status.get(c) == "xfailed" for r in rows for c in checks)
     root = ET.Element("testsuite", name=suite_name, tests=str(len(rows) * len(checks)), failures=str(failures), skipped=str(skipped))
+    if properties:
+        props = ET.SubElement(root, "properties")
+        for name, value in properties.items():
+            ET.SubElement(props, "property", name=name, value=value)
     for row in rows:
         for check in checks:
             tc = ET.SubElement(root, "testcase", classname=f"fsdp_load_checks.{row.case}", name=check)

@@ -138,3 +138,17 @@ def test_the_old_cli_spellings_still_work():
     old = build_parser().parse_args(["zoo", "--cases", "llama-rope", "--timeout", "30", "--backend", "gloo"])
     new = build_parser().parse_args(["zoo", "--fsdp-cases", "llama-rope", "--fsdp-timeout", "30", "--fsdp-backend", "gloo"])
     assert vars(old) == vars(new)
+
+
+def test_the_hang_budget_comes_from_the_option_table():
+    from fsdp_load_checks.cli import build_parser
+    from fsdp_load_checks.options import launch_config
+
+    args = build_parser().parse_args(["zoo", "--fsdp-hang-budget", "3", "--fsdp-backend", "gloo"])
+    assert launch_config(lambda dest: getattr(args, dest)).hang_budget == 3
+    defaults = build_parser().parse_args(["zoo", "--fsdp-backend", "gloo"])
+    assert launch_config(lambda dest: getattr(defaults, dest)).hang_budget == 2
+    for bad, said in (("0", "--fsdp-hang-budget must be at least 1, got 0"), ("two", "must be a positive integer")):
+        bad_args = build_parser().parse_args(["zoo", "--fsdp-hang-budget", bad])
+        with pytest.raises(ValueError, match=said):
+            launch_config(lambda dest: getattr(bad_args, dest))

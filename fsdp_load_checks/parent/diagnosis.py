@@ -43,8 +43,13 @@ def lost_ranks(case: str, missing: list[int], out_dir: Path, cfg, watch: Watch, 
                          phase_case=phase_case)
         if r in watch.hung:
             found.how, found.timeout_s = LostHow.HUNG, cfg.case_timeout_s
+            found.waited_by = tuple(sorted(watch.waiting))
+            found.collective = ", ".join(sorted(set(watch.collective.values())))
         elif r in watch.waiting:
             found.how, found.behind = LostHow.BLOCKED, tuple(sorted(watch.hung))
+            found.collective = watch.collective.get(r, "")
+        elif r in watch.overdue:
+            found.how, found.timeout_s, found.why = LostHow.OVERDUE, cfg.case_timeout_s, watch.why
         elif watch.port_in_use and read_progress(out_dir, r) is None:
             found.how, found.port, found.port_tries = LostHow.NEVER_STARTED, watch.port_in_use, port_tries
         elif watch.startup_timeout:

@@ -2,22 +2,20 @@
 
 A launch runs a batch of cases (`records.protocol.LaunchSpec`). The parent
 owns every timeout (watchdog.py); whatever happens, every process the launch
-started is killed before `launch_once` returns.
+started is killed before `launch_once` returns (parent/stop.py: and on a signal).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-
 from fsdp_load_checks import accelerate_config
+from fsdp_load_checks.parent import stacks, stop
 from fsdp_load_checks.parent.diagnosis import tail
 from fsdp_load_checks.parent.watchdog import Watch, dump_stacks, read_progress, wait
 from fsdp_load_checks.records import LaunchConfig, LaunchSpec, RankTask
@@ -70,28 +68,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launch's session and every descendant we can still see, then reap."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in descendants:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    psutil.wait_procs(descendants, timeout=10)
-
-
 def launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_progress: Callable | None = None) -> Watch:
     """One launch; a rendezvous port taken between our pick and torchrun's bind is re-picked."""
     for attempt in range(PORT_RETRIES):
@@ -121,16 +97,16 @@ def _launch_once(tasks: list[RankTask], out_dir: Path, cfg: LaunchConfig, on_pro
     try:
         for node, cmd in enumerate(torchrun_commands(spec_file, cfg)):
             with open(launch_log(out_dir, node), "wb") as log:
-                procs.append(subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env(),
-                    start_new_session=True,
-                ))
+                procs.append(stop.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=child_env()))
         watch = wait(procs, out_dir, cfg, on_progress)
-        if watch.hung or watch.waiting or watch.startup_timeout:
+        if watch.case_timeout or watch.startup_timeout:
             dump_stacks(out_dir, cfg.world_size)
+        if watch.case_timeout:
+            watch = stacks.judge(watch, {r: stacks.read_stack(out_dir, r) for r in watch.hung | watch.waiting})
     finally:
         for proc in procs:
-            kill_tree(proc)
+            stop.end(proc)
     for node in range(cfg.nnodes):
         found = PORT_IN_USE_RE.search(tail(launch_log(out_dir, node), 200))
         if found:

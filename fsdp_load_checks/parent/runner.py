@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ from filelock import FileLock
 
 from fsdp_load_checks import accelerate_config, checkpoints, observe, render
 from fsdp_load_checks.checks import verdicts
+from fsdp_load_checks.parent import stop
 from fsdp_load_checks.parent.diagnosis import lost_ranks
 from fsdp_load_checks.parent.launch import PORT_RETRIES, child_env, launch_once
 from fsdp_load_checks.parent.watchdog import read_progress
-from fsdp_load_checks.records import Case, CaseResult, CaseRun, LaunchConfig, RankTask
+from fsdp_load_checks.records import Case, CaseResult, CaseRun, LaunchConfig, LostRank, NotRun, Phase, RankTask
 from fsdp_load_checks.records.protocol import reference_path, result_path
 
 
@@ -34,33 +36,77 @@ class SetupError(RuntimeError):
 GPU_LOCK = Path(tempfile.gettempdir()) / "fsdp-load-checks-gpus.lock"
 
 
-def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progress: Callable | None = None) -> dict[str, CaseRun]:
-    """Run every task, relaunching after a crash or hang for the cases left; one CaseRun per case."""
-    runs: dict[str, CaseRun] = {}
+@dataclass
+class HangBudget:
+    """How many launches of a batch may hang in one phase before the cases left are not launched.
+
+    A regression that hangs every case would otherwise cost start-up plus the case timeout per case
+    (hours for the zoo); the first hangs already say all there is to say.
+    """
+
+    allowed: int  # --fsdp-hang-budget
+    hangs: dict[Phase, list[LostRank]] = field(default_factory=dict)  # phase -> the rank behind each hang there
+
+    def spend(self, behind: LostRank) -> NotRun | None:
+        """Count a launch that hung, `behind` its rank to blame; once spent, the NotRun for every case left."""
+        seen = self.hangs.setdefault(behind.phase, [])
+        seen.append(behind)
+        return NotRun(behind.phase, len(seen), seen[0]) if len(seen) >= self.allowed else None
+
+
+def read_run(task: RankTask, out_dir: Path, cfg: LaunchConfig) -> CaseRun:
+    """What the ranks of one launch left for one case: the result files present."""
+    run_ = CaseRun(task.case, cfg.world_size, launch_dir=str(out_dir))
+    for r in range(cfg.world_size):
+        path = result_path(out_dir, task.case, r)
+        if path.exists():
+            run_.observations[r] = observe.read(str(path))
+    return run_
+
+
+def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progress: Callable | None = None,
+              runs: dict[str, CaseRun] | None = None) -> dict[str, CaseRun]:
+    """Run every task, relaunching after a crash or hang for the cases left; one CaseRun per case, into `runs`.
+
+    Once `cfg.hang_budget` launches have hung in one phase, the cases left are not launched: each
+    gets a `NotRun` naming the first of those hangs. On a signal (stop.Stopped) the cases whose every
+    rank finished are in `runs` before the exception goes on.
+    """
+    runs = {} if runs is None else runs
+    budget = HangBudget(cfg.hang_budget)
     remaining = list(tasks)
     work_dir.mkdir(parents=True, exist_ok=True)
     while remaining:
         out_dir = Path(tempfile.mkdtemp(prefix="launch-", dir=work_dir))
-        watch = launch_once(remaining, out_dir, cfg, on_progress)
+        try:
+            watch = launch_once(remaining, out_dir, cfg, on_progress)
+        except stop.Stopped:
+            for task in remaining:  # in order: a case after an unfinished one never ran
+                run_ = read_run(task, out_dir, cfg)
+                if len(run_.observations) < cfg.world_size:
+                    break
+                runs[task.case] = run_
+            raise
         reached_any = any((read_progress(out_dir, r) or {}).get("case") for r in range(cfg.world_size))
         for i, task in enumerate(remaining):
-            run_ = CaseRun(task.case, cfg.world_size, launch_dir=str(out_dir))
-            for r in range(cfg.world_size):
-                path = result_path(out_dir, task.case, r)
-                if path.exists():
-                    run_.observations[r] = observe.read(str(path))
-            runs[task.case] = run_
+            run_ = runs[task.case] = read_run(task, out_dir, cfg)
             missing = [r for r in range(cfg.world_size) if r not in run_.observations]
-            if missing:
-                run_.lost = lost_ranks(task.case, missing, out_dir, cfg, watch, PORT_RETRIES)
-                if not reached_any:
-                    # nothing ever started: the same failure would repeat for every case
-                    for later in remaining[i + 1 :]:
-                        runs[later.case] = CaseRun(later.case, cfg.world_size, lost=run_.lost, launch_dir=str(out_dir))
+            if not missing:
+                continue
+            run_.lost = lost_ranks(task.case, missing, out_dir, cfg, watch, PORT_RETRIES)
+            later = remaining = remaining[i + 1 :]
+            if not reached_any:
+                # nothing ever started: the same failure would repeat for every case
+                for task_ in later:
+                    runs[task_.case] = CaseRun(task_.case, cfg.world_size, lost=run_.lost, launch_dir=str(out_dir))
+                remaining = []
+            elif watch.case_timeout:
+                skip = budget.spend(run_.lost[0])  # lost_ranks lists the rank to blame first
+                if skip is not None:
+                    for task_ in later:
+                        runs[task_.case] = CaseRun(task_.case, cfg.world_size, not_run=skip)
                     remaining = []
-                else:
-                    remaining = remaining[i + 1 :]
-                break
+            break
         else:
             remaining = []
     return runs
@@ -70,13 +116,18 @@ def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str
     """Build checkpoints and reference observations in a fresh interpreter (the reference process)."""
     cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *(c.name for c in cases),
            "--accelerate-config", run_config]
+    proc = stop.spawn(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
+        _, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise SetupError(f"building checkpoints/references took more than {timeout_s:g}s") from None
+    finally:
+        stop.end(proc)
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SetupError(f"building checkpoints/references failed: {last}\n{proc.stderr[-4000:]}")
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SetupError(f"building checkpoints/references failed: {last}\n{stderr[-4000:]}")
 
 
 def task_for(root: Path, case: Case) -> RankTask:
@@ -101,9 +152,18 @@ def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Cal
     # every nccl rank owns a GPU: concurrent launches (pytest-xdist workers) take the GPUs in turn
     gpus = FileLock(str(GPU_LOCK)) if cfg.backend == "nccl" else contextlib.nullcontext()
     runs: dict[str, CaseRun] = {}
-    with gpus:
-        for launch_cfg, tasks in groups.values():
-            runs.update(run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress))
+    try:
+        with gpus:
+            for launch_cfg, tasks in groups.values():
+                run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
+    except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts
+        stopped.results = judge(root, [c for c in cases if c.name in runs], runs)
+        raise
+    return judge(root, cases, runs)
+
+
+def judge(root: Path, cases: list[Case], runs: dict[str, CaseRun]) -> dict[str, CaseResult]:
+    """Every case's verdicts, from its run and its reference observation."""
     results = {}
     for case in cases:
         ref_file = reference_path(root, case.name)

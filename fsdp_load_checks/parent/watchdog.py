@@ -31,8 +31,16 @@ class Watch:
 
     hung: set[int] = field(default_factory=set)  # overdue ranks furthest behind: the ones that hang
     waiting: set[int] = field(default_factory=set)  # overdue ranks blocked on the hung ones
+    overdue: set[int] = field(default_factory=set)  # overdue ranks neither progress nor stacks can place (stacks.judge)
+    why: str = ""  # why the overdue ones could not be placed
+    collective: dict[int, str] = field(default_factory=dict)  # waiting rank -> the torch function it waits in
     startup_timeout: bool = False
     port_in_use: str = ""  # the rendezvous endpoint a torchrun agent could not listen on
+
+    @property
+    def case_timeout(self) -> bool:
+        """The launch was ended because a case overstayed its budget."""
+        return bool(self.hung or self.waiting or self.overdue)
 
 
 def read_progress(out_dir: Path, rank: int) -> dict | None:

@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
     os.dup2(log.fileno(), 2)
     faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)
     progress = Progress(out_dir, rank)
-    progress(Phase.STARTUP)
+    # a harness self-test may hold a rank here, before torch is imported (`hang@startup:R` on the first case)
+    progress(Phase.STARTUP, "", spec.tasks[0].fault if spec.tasks else None)
 
     import torch
     import torch.distributed as dist

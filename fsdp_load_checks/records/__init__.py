@@ -7,7 +7,7 @@ included, may import from here; this layer imports nothing back.
 
   case.py         Case: the recipe for a checkpoint, and the tags known issues select by
   observation.py  what a process saw: TensorRecord, Failure, memory per phase, Observation
-  outcome.py      what the parent concluded: LostRank, CaseRun, Problem, Verdict, Outcome, CaseResult
+  outcome.py      what the parent concluded: LostRank, NotRun, CaseRun, Problem, Verdict, Outcome, CaseResult
   protocol.py     the parent/rank protocol: LaunchConfig, RankTask, LaunchSpec, run-directory paths, exit codes
   enums.py        Phase, TensorKind, ProblemKind, LostHow, Status, Against
 """
@@ -35,6 +35,7 @@ from fsdp_load_checks.records.outcome import (
     KnownIssue,
     LostRank,
     MemoryExcess,
+    NotRun,
     Outcome,
     Problem,
     Symptom,
@@ -58,6 +59,7 @@ __all__ = [
     "LostRank",
     "MemoryExcess",
     "MemoryProfile",
+    "NotRun",
     "Observation",
     "Outcome",
     "Phase",

@@ -63,6 +63,7 @@ class ProblemKind(_Word):
     REFERENCE_FAILED = "reference-failed"  # the single-process load raised: nothing to compare with
     RAISED = "raised"  # a rank raised (Problem.failure)
     LOST = "lost"  # a rank wrote no result: hung, died, stopped (Problem.lost)
+    NOT_RUN = "not-run"  # never launched: the cases before it used up the hang budget (Problem.not_run)
     NON_FINITE = "non-finite"  # NaN or Inf in a tensor or in the logits
     MISSING = "missing"  # the reference has a tensor the rank does not
     UNEXPECTED = "unexpected"  # the rank has a tensor the reference does not
@@ -83,6 +84,7 @@ class LostHow(_Word):
 
     HUNG = "hung"
     DIED = "died"
+    OVERDUE = "overdue"  # overstayed the case budget, but the stacks cannot tell whether it hung or waited
     NEVER_STARTED = "never-started"  # the rendezvous port stayed taken
     STARTUP_TIMEOUT = "startup-timeout"
     BLOCKED = "blocked"  # waiting in a collective for a rank that hung

@@ -32,10 +32,22 @@ class LostRank:
     exit_code: int | None  # torchrun's summary; negative: killed by that signal
     log_tail: str
     phase_case: str = ""  # set when the rank was last seen in another case than `case`
-    timeout_s: float = 0.0  # HUNG: the per-case budget it overstayed; STARTUP_TIMEOUT: the start-up budget
+    timeout_s: float = 0.0  # HUNG, OVERDUE: the per-case budget it overstayed; STARTUP_TIMEOUT: the start-up budget
     behind: tuple[int, ...] = ()  # BLOCKED: the ranks it was waiting for
+    waited_by: tuple[int, ...] = ()  # HUNG: the ranks blocked waiting for it
+    collective: str = ""  # BLOCKED: the torch function it waited in (from its stack); HUNG: where its peers waited
+    why: str = ""  # OVERDUE: why its stacks cannot tell which rank is behind
     port: str = ""  # NEVER_STARTED: the rendezvous endpoint that stayed taken
     port_tries: int = 0
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """A case never launched: `hangs` launches of its batch hung in `phase` (the hang budget), `first` the first."""
+
+    phase: Phase
+    hangs: int
+    first: LostRank  # the rank behind the first of those hangs, with its story
 
 
 @dataclass
@@ -47,6 +59,7 @@ class CaseRun:
     observations: dict[int, Observation] = field(default_factory=dict)
     lost: list[LostRank] = field(default_factory=list)
     launch_dir: str = ""
+    not_run: NotRun | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class Problem:
     phase: Phase | None = None  # NO_MEMORY: the phase with no figures
     failure: Failure | None = None  # RAISED, REFERENCE_FAILED
     lost: LostRank | None = None  # LOST
+    not_run: NotRun | None = None  # NOT_RUN
 
 
 @dataclass

@@ -28,6 +28,7 @@ class LaunchConfig:
     accelerate_config: str = "fsdp2"  # --accelerate-config: a shipped config's name or a YAML path
     # what `accelerate launch --config_file` would export for it (ACCELERATE_*, FSDP_*): accelerate_config.load
     accelerate_env: dict[str, str] = field(default_factory=dict)
+    hang_budget: int = 2  # launches of a batch that may hang in one phase before the cases left are not run
 
     @property
     def world_size(self) -> int:
