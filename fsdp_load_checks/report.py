@@ -26,6 +26,8 @@ class Row:
     messages: dict[str, str] = field(default_factory=dict)  # check -> failure / xfail message
     memory: dict[int, dict[str, int]] = field(default_factory=dict)  # rank -> phase -> committed bytes ("model": size)
     memory_judged: bool = False  # the memory check compared these figures with its bounds (see `judged`)
+    model_class: str = ""  # the class the plain load instantiated (LlamaForCausalLM, BertModel, ...)
+    output: str = ""  # the output the forward check compared: logits, or last_hidden_state for a base model
 
 
 MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")

@@ -78,7 +78,8 @@ def materialize(root: Path, cases: list[Case], timeout_s: float) -> None:
 
 
 def task_for(root: Path, case: Case) -> RankTask:
-    return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault)
+    return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault,
+                    case.model_class)
 
 
 def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Callable | None = None) -> dict[str, CaseResult]:

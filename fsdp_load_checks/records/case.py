@@ -39,6 +39,9 @@ class Case:
     tensors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     fault: str | None = None  # harness self-tests: a fault to inject into one rank (fsdp_load_checks/rank/faults.py)
     checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
+    # the class every process builds and loads it with, by name (fsdp_load_checks/model_class.py): an Auto class
+    # (`AutoModel`) or a model class (`BertModel`); the name, since this layer never imports transformers
+    model_class: str = "AutoModelForCausalLM"
 
     def with_tags(self, *tags: str, tensors: Mapping[str, tuple[str, ...]] | None = None) -> Case:
         """This case with more tags; `tensors` maps a tag (added too) to the names of the tensors it is about."""

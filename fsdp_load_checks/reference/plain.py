@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_load_checks import observe
+from fsdp_load_checks import model_class, observe
 from fsdp_load_checks.catalogue import import_all
 from fsdp_load_checks.poison import poisoned
 from fsdp_load_checks.records import Case, Observation, Phase, TensorKind
@@ -16,22 +16,25 @@ from fsdp_load_checks.tensors import init_non_persistent, set_tensor
 def observe_plain(case: Case, path: Path) -> Observation:
     """The single-process observation (rank -1), with each non-persistent buffer at its `__init__` value.
 
+    Loaded with the case's class (`Case.model_class`), as every rank loads it;
+    records the concrete class and which output the forward check compares.
+
     transformers 5 restores non-persistent buffers only through
     `_init_weights`; where even this load loses one, the record is kept in
     `init_mismatch` and `tensors` holds the value the model's `__init__`
     computes (tensors.init_non_persistent), so the checks judge ranks
     against what the model's author meant.
     """
-    from transformers import AutoModelForCausalLM
-
     import_all(case.imports)
     obs = Observation(case=case.name, rank=-1, world_size=1, versions=observe.stack_versions())
     dtype = getattr(torch, case.dtype)
     phase = Phase.FROM_PRETRAINED
     try:
+        cls = model_class.resolve(case.model_class)
         torch.manual_seed(case.seed)  # keys missing from the checkpoint draw what rank 0 draws
         with poisoned():
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        obs.model_class = type(model).__name__
         obs.missing_keys = tuple(sorted(info.get("missing_keys", ())))
         phase = Phase.OBSERVE
         obs.tensors, obs.ties = observe.observe_tensors(model)
@@ -44,7 +47,7 @@ def observe_plain(case: Case, path: Path) -> Observation:
                 obs.tensors[name] = want
                 set_tensor(model, name, want.value.clone())  # so the reference logits are right too
         phase = Phase.FORWARD
-        obs.logits = observe.forward_logits(model, torch.device("cpu"))
+        obs.output, obs.logits = observe.forward_output(model, torch.device("cpu"))
     except Exception as exc:  # recorded: the parent reports it against the case
         obs.failure = observe.failure_from(exc, -1, phase)
     return obs
