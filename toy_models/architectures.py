@@ -17,6 +17,7 @@ from __future__ import annotations
 from functools import partial
 
 from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records.case import ROOT_NON_PERSISTENT
 
 VOCAB = 128
 
@@ -511,14 +512,15 @@ _EXTRA_SPECS: dict[str, tuple[str, dict, str, bool]] = {
 
 # Base models (no head), loaded with AutoModel as embedding models, classifiers and custom heads load them: the
 # forward check compares last_hidden_state, and the model itself is the top-level module, so an `_init_weights`
-# branch for the base class runs on the root (which ranks 1..N mark initialised). model_type -> spec, as above.
+# branch for the base class runs on the root (which ranks 1..N mark initialised). model_type -> (config class,
+# kwargs, guards, the root's non-persistent buffers that branch recomputes: found by a static scan of 5.24.0).
 BASE_MODEL_CLASS = "AutoModel"
-_BASE_SPECS: dict[str, tuple[str, dict, str, bool]] = {
+_BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     "llama": (
         "LlamaConfig",
         DECODER,
         "a decoder loaded as its base model (LlamaModel, AutoModel): no head, last_hidden_state compared",
-        False,
+        (),
     ),
     "bert": (
         "BertConfig",
@@ -532,7 +534,19 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, bool]] = {
             pad_token_id=0,
         ),
         "an encoder as its own class (BertModel, AutoModel): non-persistent position_ids/token_type_ids, pooler",
-        False,
+        (),
+    ),
+    "ctrl": (
+        "CTRLConfig",
+        _EXTRA_SPECS["ctrl"][1],
+        "CTRLModel's _init_weights branch for the model itself recomputes its sinusoidal pos_encoding buffer",
+        ("pos_encoding",),
+    ),
+    "openai-gpt": (
+        "OpenAIGPTConfig",
+        _EXTRA_SPECS["openai-gpt"][1],
+        "OpenAIGPTModel's _init_weights branch for the model itself recomputes its int64 position_ids buffer",
+        ("position_ids",),
     ),
 }
 
@@ -590,9 +604,12 @@ def _available_cases() -> list[Case]:
             cases.append(_case(model_type, cls_name, *spec))
         else:
             SKIPPED_ARCHS.setdefault(model_type, f"{cls_name} is not in the installed transformers {transformers.__version__}")
-    for model_type, (cls_name, *spec) in _BASE_SPECS.items():
+    for model_type, (cls_name, kw, guards, root_buffers) in _BASE_SPECS.items():
         if cls_name in installed:
-            cases.append(_case(model_type, cls_name, *spec, model_class=BASE_MODEL_CLASS, suffix="-base"))
+            case = _case(model_type, cls_name, kw, guards, False, model_class=BASE_MODEL_CLASS, suffix="-base")
+            if root_buffers:
+                case = case.with_tags(tensors={ROOT_NON_PERSISTENT: root_buffers})
+            cases.append(case)
     return cases
 
 
