@@ -30,9 +30,7 @@ def _no_config(name: str, path: str):
     raise RuntimeError(f"case {name} is a checkpoint on disk ({path}); it has no config to build from")
 
 
-def user_case(
-    name: str, path: str, dtype: str, imports: tuple[str, ...] = (), model_class: str = "AutoModelForCausalLM"
-) -> Case:
+def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = (), model_class: str = Case.model_class) -> Case:
     """A user's checkpoint directory as a case, loaded with `model_class` (a name: fsdp_load_checks/model_class.py)."""
     return Case(
         name,
