@@ -18,7 +18,7 @@ from fsdp_load_checks.records import Case
 from fsdp_load_checks.records.case import MIXED_PRECISION, USER
 
 EXTRA_MODULES_ENV = "FSDP_LOAD_CHECKS_CASE_MODULES"  # comma-separated modules with a CASES list
-USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports"}
+USER_CHECKPOINTS_ENV = "FSDP_LOAD_CHECKS_CHECKPOINTS"  # JSON list of {"name", "path", "dtype", "imports", "model_class"}
 
 
 def import_all(modules: tuple[str, ...]) -> None:
@@ -31,7 +31,8 @@ def _no_config(name: str, path: str):
     raise RuntimeError(f"case {name} is a checkpoint on disk ({path}); it has no config to build from")
 
 
-def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = ()) -> Case:
+def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = (), model_class: str = Case.model_class) -> Case:
+    """A user's checkpoint directory as a case, loaded with `model_class` (a name: fsdp_load_checks/model_class.py)."""
     return Case(
         name,
         f"your checkpoint {path}",
@@ -40,12 +41,18 @@ def user_case(name: str, path: str, dtype: str, imports: tuple[str, ...] = ()) -
         dtype=dtype,
         checkpoint=path,
         tags=frozenset({USER}),
+        model_class=model_class,
     )
 
 
 def user_cases() -> list[Case]:
     raw = os.environ.get(USER_CHECKPOINTS_ENV)
-    return [user_case(c["name"], c["path"], c["dtype"], tuple(c.get("imports", ()))) for c in json.loads(raw)] if raw else []
+    if not raw:
+        return []
+    return [
+        user_case(c["name"], c["path"], c["dtype"], tuple(c.get("imports", ())), c.get("model_class", Case.model_class))
+        for c in json.loads(raw)
+    ]
 
 
 # Mixed precision as a dimension of the zoo: these also run as `<case>@bf16` under the shipped bf16 config

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from fsdp_load_checks import model_class
 from fsdp_load_checks.catalogue import import_all
 from fsdp_load_checks.records import Case
 
@@ -59,9 +60,7 @@ def edit_safetensors(path: Path, case: Case, generator: torch.Generator) -> None
 
 
 def build(root: Path, case: Case) -> Path:
-    """The case's checkpoint directory, built if this run has not built it yet."""
-    from transformers import AutoModelForCausalLM
-
+    """The case's checkpoint directory, built if this run has not built it yet, from `case.model_class`."""
     out = checkpoint_dir(root, case)
     if case.checkpoint:  # the user's own checkpoint: read, never written
         return out
@@ -72,7 +71,7 @@ def build(root: Path, case: Case) -> Path:
         import_all(case.imports)
         torch.manual_seed(case.seed)
         generator = torch.Generator().manual_seed(case.seed + 1)
-        model = AutoModelForCausalLM.from_config(case.config())
+        model = model_class.from_config(case.model_class, case.config())
         perturb_persistent_buffers(model, generator)
         model = model.to(getattr(torch, case.dtype))
         model.save_pretrained(out, safe_serialization=True)
@@ -123,19 +122,15 @@ def validate(path: str) -> tuple[Path, str]:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise BadCheckpoint(f"{config_file} is not valid JSON ({exc}); re-save the checkpoint") from None
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(p)
-        AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018 - raises KeyError if no causal-LM class
+    try:  # the class it loads with is model_class.named_in's business; here only the config must be known
+        config = model_class.read_config(p)
     except (ValueError, KeyError, OSError) as exc:
         import transformers
 
         kind = raw.get("model_type", "?")
         raise BadCheckpoint(
-            f"{path}: architecture {kind!r} is not loadable by AutoModelForCausalLM in transformers "
-            f"{transformers.__version__} ({type(exc).__name__}); install a transformers that has it, or pass "
-            f"--import MODULE that registers it"
+            f"{path}: model type {kind!r} is not known to transformers {transformers.__version__} "
+            f"({type(exc).__name__}); install a transformers that has it, or pass --import MODULE that registers it"
         ) from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
     return p.resolve(), str(dtype).removeprefix("torch.")

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", help="dtype to load in (default: the config's dtype, else float32)")
     check.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="module that registers the architecture with the Auto classes (repeatable)")
+    check.add_argument("--model-class", metavar="NAME",
+                       help="class to load with: an Auto class (AutoModel, AutoModelForSequenceClassification, ...) "
+                            "or a class name (default: the one config.json names in architectures)")
     add_common(check, "check")
     sub.add_parser("list", help="the cases, loaders and checks, one line each")
     return parser
@@ -85,7 +88,7 @@ def launch_config(args):
 
 
 def select_cases(args):
-    from fsdp_load_checks import catalogue, checkpoints
+    from fsdp_load_checks import catalogue, checkpoints, model_class
 
     if args.command == "check":
         for module in args.imports:
@@ -103,7 +106,12 @@ def select_cases(args):
             if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
                 raise UsageError(f"--dtype {args.dtype} is not a torch dtype; use e.g. float32, bfloat16, float16")
             dtype = args.dtype
-        spec = [{"name": path.name or "checkpoint", "path": str(path), "dtype": dtype, "imports": args.imports}]
+        try:
+            cls = model_class.named_in(path, args.model_class)
+        except model_class.UnknownModelClass as exc:
+            raise UsageError(str(exc)) from None
+        spec = [{"name": path.name or "checkpoint", "path": str(path), "dtype": dtype, "imports": args.imports,
+                 "model_class": cls}]
         os.environ[catalogue.USER_CHECKPOINTS_ENV] = json.dumps(spec)  # reaches the reference and every rank
         return catalogue.user_cases()
     from fsdp_load_checks.options import select_cases as from_options
@@ -231,6 +239,8 @@ def report_rows(cases, results: dict, loader: str) -> list:
             memory=report.memory_figures(result.run.observations),
             memory_judged=report.judged(result.verdicts["memory"]),
             preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
+            model_class=result.reference.model_class if result.reference else "",
+            output=result.reference.output if result.reference else "",
         ))
     return rows
 

@@ -213,13 +213,15 @@ KNOWN_ISSUES = [
         key="root-non-persistent-buffer-not-recomputed",
         url=MODELING_UTILS + "#L4910",
         title=(
-            "_initialize_missing_keys marks the model itself _is_hf_initialized on ranks 1..N, so _initialize_weights "
-            "skips the root module and a non-persistent buffer registered directly on it keeps its zeros placeholder "
-            "even when _init_weights recomputes it; fsdp2_prepare_model keeps each rank's own copy (found by the "
-            "generated layouts, not yet reported)"
+            "transformers 5.4.0+: _initialize_missing_keys marks the model itself _is_hf_initialized on ranks 1..N, so "
+            "_initialize_weights skips the root module and a non-persistent buffer registered directly on it keeps its "
+            "zeros placeholder even when _init_weights recomputes it; fsdp2_prepare_model keeps each rank's own copy. "
+            "Real base models loaded with AutoModel have such branches (a static scan of 5.24.0 finds 12 base classes, "
+            "CTRLModel pos_encoding and OpenAIGPTModel position_ids among them); 5.0.0-5.3.0 re-initialised the whole "
+            "model there, root included (found by the generated layouts, not yet reported)"
         ),
         package="transformers",
-        affected=">=5.0.0",
+        affected=">=5.4.0",  # 5.3.0's _initialize_missing_keys has no FSDP branch; 5.4.0 added it (line 4563)
         selects=_tagged(ROOT_NON_PERSISTENT),
         symptoms={
             "buffers": (

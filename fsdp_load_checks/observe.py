@@ -1,6 +1,6 @@
 """Recording what a process holds: runs inside every rank and inside the reference process.
 
-The same `observe_tensors` and `forward_logits` run on every FSDP2 rank and
+The same `observe_tensors` and `forward_output` run on every FSDP2 rank and
 on the plain single-process load, so the checks compare like with like.
 Processes only record; verdicts are made in the parent (checks.py).
 """
@@ -105,14 +105,42 @@ def forward_input(vocab_size: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(BATCH * SEQ) % vocab_size).view(BATCH, SEQ).to(device)
 
 
+# The output the forward check compares, by the first of these a model returns: a head's logits (causal LM,
+# classifier, MLM), else a base model's last hidden state (AutoModel: LlamaModel, BertModel, ...).
+PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def primary_output(out) -> tuple[str, torch.Tensor]:
+    """(name, tensor) of a transformers ModelOutput's primary output; TypeError when it has none of PRIMARY_OUTPUTS."""
+    for name in PRIMARY_OUTPUTS:
+        value = getattr(out, name, None)
+        if value is not None:
+            return name, value
+    raise TypeError(f"{type(out).__name__} has none of the outputs {', '.join(PRIMARY_OUTPUTS)} to compare")
+
+
 @torch.no_grad()
-def forward_logits(model: torch.nn.Module, device: torch.device, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The model's logits on `forward_input`, float32 on CPU (rounded through `output_dtype` first, if given)."""
+def forward_output(
+    model: torch.nn.Module, device: torch.device, output_dtype: torch.dtype | None = None
+) -> tuple[str, torch.Tensor]:
+    """The model's primary output on `forward_input`: its name and the tensor, float32 on CPU.
+
+    Shape (BATCH, SEQ, vocab) for logits, (BATCH, SEQ, hidden) for a last
+    hidden state; a classifier's logits are (BATCH, labels). With
+    `output_dtype`, rounded through that dtype first (a mixed-precision
+    policy's output_dtype).
+    """
     vocab = model.config.get_text_config().vocab_size
-    out = model(input_ids=forward_input(vocab, device)).logits.detach()
+    name, value = primary_output(model(input_ids=forward_input(vocab, device)))
+    value = value.detach()
     if output_dtype is not None:
-        out = out.to(output_dtype)
-    return out.float().cpu()
+        value = value.to(output_dtype)
+    return name, value.float().cpu()
+
+
+def forward_logits(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The primary output's tensor only (`forward_output`): what every rank records; the reference names it."""
+    return forward_output(model, device)[1]
 
 
 def failure_from(exc: BaseException, rank: int, phase: Phase) -> Failure:

@@ -110,8 +110,13 @@ def _memory_text(p: Problem) -> str:
     )
 
 
+def _plural(output: str, one: str, many: str) -> str:
+    """The forward's output with its verb: "logits differ", "last_hidden_state differs"."""
+    return f"{output} {many if output == 'logits' else one}"
+
+
 def _non_finite_text(p: Problem) -> str:
-    subject = "logits have" if p.tensor == "logits" else f"{p.tensor_kind} {p.tensor} has"
+    subject = f"{p.tensor_kind} {p.tensor} has" if p.tensor_kind else _plural(p.tensor, "has", "have")
     return f"{subject} {p.nan} NaN and {p.inf} Inf of {p.numel}"
 
 
@@ -127,10 +132,10 @@ _RANK_TEXT = {
         f"{p.tensor_kind} {p.tensor} differs from {p.against}: {difference_text(p.difference, p.numel)}"
     ),
     ProblemKind.UNTIED: lambda p: f"parameters {p.tensor} are no longer tied",
-    ProblemKind.NO_LOGITS: lambda p: "produced no logits",
-    ProblemKind.LOGITS_SHAPE: lambda p: f"logits shape {p.got}, reference {p.want}",
+    ProblemKind.NO_LOGITS: lambda p: f"produced no {p.tensor}",
+    ProblemKind.LOGITS_SHAPE: lambda p: f"{p.tensor} shape {p.got}, reference {p.want}",
     ProblemKind.LOGITS: lambda p: (
-        f"logits differ from the single-process load beyond rtol={p.rtol:g} atol={p.atol:g}: "
+        f"{_plural(p.tensor, 'differs', 'differ')} from the single-process load beyond rtol={p.rtol:g} atol={p.atol:g}: "
         f"{difference_text(p.difference, p.numel)}"
     ),
     ProblemKind.NO_MEMORY: lambda p: f"recorded no memory for {p.phase}",

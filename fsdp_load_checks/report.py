@@ -28,6 +28,8 @@ class Row:
     memory_judged: bool = False  # the memory check compared these figures with its bounds (see `judged`)
     # rank -> how it was prepared: accelerate config, Accelerator.prepare evidence, mixed precision (JSON only)
     preparation: dict[int, dict] = field(default_factory=dict)
+    model_class: str = ""  # the class the plain load instantiated (LlamaForCausalLM, BertModel, ...)
+    output: str = ""  # the output the forward check compared: logits, or last_hidden_state for a base model
 
 
 MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")

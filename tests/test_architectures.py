@@ -1,8 +1,8 @@
 """The real-architecture cases build tiny, run, and are tagged by what their model really holds.
 
-Single process, no torchrun: builds each case's model from its config the
-way checkpoints.build does (AutoModelForCausalLM.from_config) and runs a
-forward pass.
+Single process, no torchrun: builds each case's model from its config with
+its class, the way checkpoints.build does (model_class.from_config), and runs
+a forward pass.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fsdp_load_checks import model_class  # noqa: E402
 from fsdp_load_checks.catalogue import all_cases  # noqa: E402
+from fsdp_load_checks.observe import primary_output  # noqa: E402
 from fsdp_load_checks.records import PERSISTENT_BUFFER  # noqa: E402
-from toy_models.architectures import ARCH_CASES, SKIPPED_ARCHS  # noqa: E402
+from toy_models.architectures import ARCH_CASES, BASE_MODEL_CLASS, SKIPPED_ARCHS  # noqa: E402
 
 REQUIRED = (
     "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe deepseek_v3 deepseek_v2 gemma gemma2 gemma3_text "
@@ -65,12 +67,12 @@ def test_case_fields(case):
 @pytest.mark.parametrize("case", ARCH_CASES, ids=lambda c: c.name)
 def test_builds_tiny_and_runs(case):
     import torch
-    from transformers import AutoModelForCausalLM
 
     config = case.config()
-    assert _name(config.model_type) == case.name
+    base = case.model_class == BASE_MODEL_CLASS
+    assert _name(config.model_type) + ("-base" if base else "") == case.name
     torch.manual_seed(case.seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = model_class.from_config(case.model_class, config).eval()
 
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params < MAX_PARAMS, f"{case.name}: {n_params} parameters is not tiny"
@@ -84,6 +86,7 @@ def test_builds_tiny_and_runs(case):
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.arange(16).view(2, 8) % vocab
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert logits.shape[:2] == (2, 8)
-    assert torch.isfinite(logits).all(), f"{case.name}: non-finite logits"
+        output, value = primary_output(model(input_ids=ids))
+    assert output == ("last_hidden_state" if base else "logits")
+    assert value.shape[:2] == (2, 8)
+    assert torch.isfinite(value).all(), f"{case.name}: non-finite {output}"

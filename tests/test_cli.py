@@ -45,9 +45,15 @@ def bad_dirs(tmp_path_factory, tiny_gpt2) -> dict[str, Path]:
     config = json.loads((unknown / "config.json").read_text())
     config.update(model_type="no-such-architecture", architectures=["NoSuchForCausalLM"])
     (unknown / "config.json").write_text(json.dumps(config))
+    unknown_class = base / "unknown-class"  # a known model type, a class name this transformers lacks
+    shutil.copytree(tiny_gpt2, unknown_class)
+    config = json.loads((unknown_class / "config.json").read_text())
+    config.update(architectures=["NoSuchForCausalLM"])
+    (unknown_class / "config.json").write_text(json.dumps(config))
     a_file = base / "file.bin"
     a_file.write_bytes(b"x")
-    return {"not_ckpt": not_ckpt, "no_weights": no_weights, "corrupt": corrupt, "unknown": unknown, "file": a_file}
+    return {"not_ckpt": not_ckpt, "no_weights": no_weights, "corrupt": corrupt, "unknown": unknown,
+            "unknown_class": unknown_class, "gpt2": tiny_gpt2, "file": a_file}
 
 
 BAD_INPUT = [
@@ -65,7 +71,9 @@ BAD_INPUT = [
     (["check", "{not_ckpt}"], "is not a checkpoint directory: no config.json"),
     (["check", "{no_weights}"], "has no *.safetensors files"),
     (["check", "{corrupt}"], "is not a readable safetensors file"),
-    (["check", "{unknown}"], "architecture 'no-such-architecture' is not loadable by AutoModelForCausalLM"),
+    (["check", "{unknown}"], "model type 'no-such-architecture' is not known to transformers"),
+    (["check", "{unknown_class}"], "config.json names architecture 'NoSuchForCausalLM', which the installed"),
+    (["check", "{gpt2}", "--model-class", "NoSuchModel"], "model class 'NoSuchModel' is neither an Auto class nor"),
     (["check", "{file}"], "is a file, not a checkpoint directory"),
     (["check", "{not_ckpt}", "--import", "no_such_module_xyz"], "--import no_such_module_xyz: cannot import it"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -95,6 +103,8 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     assert 'tests="5" failures="0"' in xml.read_text()
     data = json.loads(js.read_text())
     assert data["passed"] and data["cases"][0]["status"]["buffers"] == "passed"
+    # loaded with the class config.json names, and the report says which output the forward check compared
+    assert (data["cases"][0]["model_class"], data["cases"][0]["output"]) == ("GPT2LMHeadModel", "logits")
     assert set(data["cases"][0]["memory"]) == {"0", "1"}  # per-rank memory figures reach the report
     assert data["accelerate_config"] == "fsdp2"  # the report names the config and how each rank was prepared
     assert data["cases"][0]["preparation"]["1"]["call"] == "Accelerator.prepare"

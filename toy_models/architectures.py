@@ -1,7 +1,8 @@
-"""Real transformers causal-LM architectures, each built from a tiny config in code.
+"""Real transformers architectures, each built from a tiny config in code.
 
 Every case is a real architecture shipped inside the installed transformers,
-loaded through AutoModelForCausalLM; nothing is ever downloaded. Configs are
+loaded through AutoModelForCausalLM, or as its base model through AutoModel
+(`arch-*-base`, `Case.model_class`); nothing is ever downloaded. Configs are
 tiny (hidden 32, 2 layers, vocab 128, 4 experts top-2) so the whole sweep
 stays fast. Every rank imports this module, so top-level imports stay cheap:
 the config class is looked up on `transformers` only when the case's config
@@ -16,6 +17,7 @@ from __future__ import annotations
 from functools import partial
 
 from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
+from fsdp_load_checks.records.case import ROOT_NON_PERSISTENT
 
 VOCAB = 128
 
@@ -508,6 +510,46 @@ _EXTRA_SPECS: dict[str, tuple[str, dict, str, bool]] = {
     "nemotron": ("NemotronConfig", _with(DECODER, head_dim=8), "LayerNorm1P (weight + 1) with partial rotary", False),
 }
 
+# Base models (no head), loaded with AutoModel as embedding models, classifiers and custom heads load them: the
+# forward check compares last_hidden_state, and the model itself is the top-level module, so an `_init_weights`
+# branch for the base class runs on the root (which ranks 1..N mark initialised). model_type -> (config class,
+# kwargs, guards, the root's non-persistent buffers that branch recomputes: found by a static scan of 5.24.0).
+BASE_MODEL_CLASS = "AutoModel"
+_BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
+    "llama": (
+        "LlamaConfig",
+        DECODER,
+        "a decoder loaded as its base model (LlamaModel, AutoModel): no head, last_hidden_state compared",
+        (),
+    ),
+    "bert": (
+        "BertConfig",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        "an encoder as its own class (BertModel, AutoModel): non-persistent position_ids/token_type_ids, pooler",
+        (),
+    ),
+    "ctrl": (
+        "CTRLConfig",
+        _EXTRA_SPECS["ctrl"][1],
+        "CTRLModel's _init_weights branch for the model itself recomputes its sinusoidal pos_encoding buffer",
+        ("pos_encoding",),
+    ),
+    "openai-gpt": (
+        "OpenAIGPTConfig",
+        _EXTRA_SPECS["openai-gpt"][1],
+        "OpenAIGPTModel's _init_weights branch for the model itself recomputes its int64 position_ids buffer",
+        ("position_ids",),
+    ),
+}
+
 # model_type -> why it is not a case
 SKIPPED_ARCHS: dict[str, str] = {
     # builds tiny and loads fine, left out only because another case already covers the same path
@@ -525,15 +567,17 @@ SKIPPED_ARCHS: dict[str, str] = {
 }
 
 
-def _case(model_type: str, cls_name: str, kw: dict, guards: str, persistent: bool) -> Case:
+def _case(model_type: str, cls_name: str, kw: dict, guards: str, persistent: bool, model_class: str = "",
+          suffix: str = "") -> Case:
     case = Case(
-        name="arch-" + model_type.replace("_", "-"),
+        name="arch-" + model_type.replace("_", "-") + suffix,
         guards=guards,
         config=partial(_config, cls_name, **kw),
         imports=(),
         dtype="float32",
         seed=0,
         tags=frozenset({"arch"}),
+        **({"model_class": model_class} if model_class else {}),
     )
     return case.with_tags(PERSISTENT_BUFFER) if persistent else case
 
@@ -560,6 +604,12 @@ def _available_cases() -> list[Case]:
             cases.append(_case(model_type, cls_name, *spec))
         else:
             SKIPPED_ARCHS.setdefault(model_type, f"{cls_name} is not in the installed transformers {transformers.__version__}")
+    for model_type, (cls_name, kw, guards, root_buffers) in _BASE_SPECS.items():
+        if cls_name in installed:
+            case = _case(model_type, cls_name, kw, guards, False, model_class=BASE_MODEL_CLASS, suffix="-base")
+            if root_buffers:
+                case = case.with_tags(tensors={ROOT_NON_PERSISTENT: root_buffers})
+            cases.append(case)
     return cases
 
 

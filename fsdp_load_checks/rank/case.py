@@ -44,11 +44,11 @@ def assert_path_under_test() -> None:
 def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) -> Observation:
     """Everything this rank observed for one case; an exception is recorded with its phase, never raised."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from fsdp_load_checks import loaders, observe
     from fsdp_load_checks.catalogue import import_all
     from fsdp_load_checks.checkpoints import model_bytes
+    from fsdp_load_checks.model_class import loadable
     from fsdp_load_checks.poison import poisoned
     from fsdp_load_checks.rank.memory import Sampler
     from fsdp_load_checks.rank.prepare import prepare
@@ -65,6 +65,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     try:
         with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
             import_all(tuple(task.imports))
+            model_class = loadable(task.model_class, task.checkpoint)  # modeling code imported before the baseline
             with loaders.get(spec.loader).patch():
                 phase = Phase.FROM_PRETRAINED
                 progress(phase, task.case, task.fault)
@@ -72,7 +73,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
                 assert_path_under_test()
                 torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
                 with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
-                    model = AutoModelForCausalLM.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
+                    model = model_class.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
                 phase = Phase.FSDP2_PREPARE
                 progress(phase)
                 memory.phase(phase)

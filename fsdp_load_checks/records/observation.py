@@ -89,12 +89,16 @@ class Observation:
     world_size: int
     tensors: dict[str, TensorRecord] = field(default_factory=dict)
     ties: list[tuple[str, ...]] = field(default_factory=list)  # names sharing one parameter
-    logits: torch.Tensor | None = None  # float32, (batch, seq, vocab)
+    logits: torch.Tensor | None = None  # the primary output, float32: (batch, seq, vocab) logits or (batch, seq, hidden)
     logits_dtype: str = ""  # reference only: the dtype logits were computed in under mixed precision ("": the model's)
     missing_keys: tuple[str, ...] = ()  # reference only: keys the checkpoint did not have
     # reference only: non-persistent buffers whose plain-load value differs from the model's own
     # __init__ value (the plain-load record is kept here; `tensors` holds the __init__ value)
     init_mismatch: dict[str, TensorRecord] = field(default_factory=dict)
+    # reference only: the class the checkpoint loaded as, and which of its outputs `logits` holds
+    # ("logits", or "last_hidden_state" for a base model without a head)
+    model_class: str = ""
+    output: str = "logits"
     memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
     failure: Failure | None = None
     versions: dict[str, str] = field(default_factory=dict)  # package -> version

@@ -98,7 +98,8 @@ class Problem:
     """One thing a check found wrong, as data.
 
     `rank` is None for the reference process. `tensor` is a parameter or
-    buffer name, "logits", or the names of a lost tie joined by ", ".
+    buffer name, the forward's output ("logits" or
+    "last_hidden_state", `Observation.output`), or the names of a lost tie joined by ", ".
     """
 
     check: str

@@ -43,6 +43,7 @@ class RankTask:
     imports: list[str] = field(default_factory=list)
     seed: int = 0
     fault: str | None = None  # harness self-tests only: see fsdp_load_checks/rank/faults.py
+    model_class: str = "AutoModelForCausalLM"  # the class from_pretrained is called on (records.Case.model_class)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_load_checks import observe
+from fsdp_load_checks import model_class, observe
 from fsdp_load_checks.catalogue import import_all
 from fsdp_load_checks.poison import poisoned
 from fsdp_load_checks.records import Case, Observation, Phase, TensorKind
@@ -39,6 +39,9 @@ def cast_for_compute(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observation:
     """The single-process observation (rank -1), with each non-persistent buffer at its `__init__` value.
 
+    Loaded with the case's class (`Case.model_class`), as every rank loads it;
+    records the concrete class and which output the forward check compares.
+
     Under a mixed-precision accelerate config (`mixed_precision` bf16/fp16)
     it is the plain load as accelerate's preparation leaves it: parameters
     upcast to fp32 master weights (`upcast_trainable`), and logits computed
@@ -53,16 +56,16 @@ def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observ
     computes (tensors.init_non_persistent), so the checks judge ranks
     against what the model's author meant.
     """
-    from transformers import AutoModelForCausalLM
-
     import_all(case.imports)
     obs = Observation(case=case.name, rank=-1, world_size=1, versions=observe.stack_versions())
     dtype = getattr(torch, case.dtype)
     phase = Phase.FROM_PRETRAINED
     try:
+        cls = model_class.resolve(case.model_class)
         torch.manual_seed(case.seed)  # keys missing from the checkpoint draw what rank 0 draws
         with poisoned():
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        obs.model_class = type(model).__name__
         obs.missing_keys = tuple(sorted(info.get("missing_keys", ())))
         compute = MIXED_PRECISION_DTYPES.get(mixed_precision)
         if compute is not None:
@@ -81,7 +84,7 @@ def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observ
         if compute is not None:
             cast_for_compute(model, compute)
             obs.logits_dtype = str(compute).removeprefix("torch.")
-        obs.logits = observe.forward_logits(model, torch.device("cpu"), output_dtype=compute)
+        obs.output, obs.logits = observe.forward_output(model, torch.device("cpu"), output_dtype=compute)
     except Exception as exc:  # recorded: the parent reports it against the case
         obs.failure = observe.failure_from(exc, -1, phase)
     return obs
