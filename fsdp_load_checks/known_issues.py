@@ -42,6 +42,7 @@ from fsdp_load_checks.records.case import (
     PERSISTENT_BUFFER,
     ROOT_NON_PERSISTENT,
     SHARED_NON_PERSISTENT,
+    TIED_WEIGHTS,
 )
 
 ALL_CHECKS = tuple(CHECKS)
@@ -57,7 +58,13 @@ def applies(issue: KnownIssue, case: Case, check: str, versions: dict[str, str],
         return False
     if not any(_applicable(s, case) for s in issue.symptoms[check]):
         return False
-    return SpecifierSet(issue.affected).contains(installed, prereleases=True) and issue.selects(case)
+    if not SpecifierSet(issue.affected).contains(installed, prereleases=True):
+        return False
+    for package, spec in issue.also.items():
+        other = versions.get(package)
+        if not other or other == "absent" or not SpecifierSet(spec).contains(other, prereleases=True):
+            return False
+    return issue.selects(case)
 
 
 def _applicable(symptom: Symptom, case: Case) -> bool:
@@ -78,6 +85,8 @@ def matches(symptom: Symptom, problem: Problem, case: Case) -> bool:
     if s.against is not None and p.against != s.against:
         return False
     if p.rank is None or p.rank < s.min_rank:
+        return False
+    if (s.got is not None and p.got != s.got) or (s.want is not None and p.want != s.want):
         return False
     if s.exc_type is not None or s.message is not None:
         if p.failure is None or p.kind != ProblemKind.RAISED:
@@ -333,6 +342,70 @@ KNOWN_ISSUES = [
 ]
 
 
+# --- accelerate releases (tox envs acc1130, acc1140; docs/version-matrix.md) ---
+# Ranges read from each release's accelerate/utils/fsdp_utils.py (1.10.0 - 1.15.0) and run in the acc* envs.
+ACCELERATE_FSDP_UTILS = "https://github.com/huggingface/accelerate/blob/v{}/src/accelerate/utils/fsdp_utils.py"
+# torch 2.13's FSDP2 lazy init (_validate_no_duplicate_params), first forward, on every rank; the name is the
+# input embedding's FQN, so one exact message per layout the zoo has
+TIED_IN_TWO_GROUPS_MESSAGE = (
+    "Parameter '{}' is shared with a parameter already managed by another FSDP group. For shared/tied parameters, "
+    "use fully_shard([module_a, module_b]) to place them in the same FSDP group."
+)
+TIED_INPUT_EMBEDDINGS = (  # the zoo's tied cases by layout (acc1140, 27 cases)
+    "model.embed_tokens.weight",  # tied-embeddings, Gemma 1-3n, RecurrentGemma, Cohere, SmolLM3, Ernie 4.5, ...
+    "model.decoder.embed_tokens.weight",  # OPT
+    "transformer.wte.weight",  # GPT-2, GPT-BigCode, GPT-Neo, MPT
+    "transformer.word_embeddings.weight",  # Falcon, Bloom
+    "transformer.tokens_embed.weight",  # OpenAI GPT
+    "transformer.w.weight",  # CTRL
+    "biogpt.embed_tokens.weight",  # BioGPT
+    "backbone.embeddings.weight",  # Mamba
+)
+TIED_IN_TWO_GROUPS = tuple(
+    Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError", message=TIED_IN_TWO_GROUPS_MESSAGE.format(n),
+            phase=Phase.FORWARD)
+    for n in TIED_INPUT_EMBEDDINGS
+)
+
+KNOWN_ISSUES += [
+    KnownIssue(
+        key="accelerate-tied-embeddings-two-fsdp-groups",
+        url="https://github.com/huggingface/accelerate/pull/4171",
+        title=(
+            "accelerate 1.14.0: fsdp2_prepare_model carves a tail group fully_shard([final_norm, input_embed]) and, "
+            "when the embeddings are tied, leaves the output embedding (the same parameter) to the root group; torch "
+            "2.13 refuses a parameter visible to two FSDP groups, so any tied-embedding model raises ValueError at "
+            "the first forward on every rank (1.15.0 puts both embeddings in the tail group, PR 4171)"
+        ),
+        package="accelerate",
+        affected=">=1.14.0,<1.15.0",
+        also={"torch": ">=2.13"},
+        selects=_tagged(TIED_WEIGHTS),
+        symptoms={"forward": TIED_IN_TWO_GROUPS},
+    ),
+    KnownIssue(
+        key="accelerate-3979",
+        url="https://github.com/huggingface/accelerate/issues/3979",
+        title=(
+            "accelerate 1.13.0: under mixed precision fsdp2_prepare_model 'upcasts' trainable parameters with "
+            "`param = param.to(torch.float32)` after sharding, which rebinds a local name: master weights stay in "
+            "the checkpoint's 16-bit dtype and the optimizer steps them there (PR 3905 made it a no-op; 1.14.0 "
+            "upcasts with param.data before fully_shard, PR 3985)"
+        ),
+        package="accelerate",
+        affected=">=1.13.0,<1.14.0",
+        selects=lambda case: MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
+        # every rank, every trainable parameter: the checkpoint's dtype where the upcast plain load has float32
+        symptoms={
+            "parameters": tuple(
+                Symptom(kinds=frozenset({ProblemKind.DTYPE}), against=Against.PLAIN_LOAD, got=d, want="float32")
+                for d in HALF_DTYPES
+            ),
+        },
+    ),
+]
+
+
 def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=None, loader: str = "stock") -> Outcome:
     """One verdict read against the registry: passed, failed (with what is unexplained), xfailed or skipped."""
     outcome = Outcome(case.name, verdict.check, Status.PASSED, versions=dict(versions))
@@ -364,4 +437,6 @@ def outcomes(result: CaseResult, case: Case, loader: str, registry=None) -> dict
     versions = result.reference.versions if result.reference else stack_versions()
     if any(o.preparation.get("mixed_precision", "no") != "no" for o in result.run.observations.values()):
         case = case.with_tags(MIXED_PRECISION)  # it ran under a mixed-precision config: --accelerate-config, or its own
+    if result.reference is not None and result.reference.ties:
+        case = case.with_tags(TIED_WEIGHTS)  # the plain load ties parameters (tied input/output embeddings)
     return {name: classify(case, v, versions, registry=registry, loader=loader) for name, v in result.verdicts.items()}

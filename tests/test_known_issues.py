@@ -99,3 +99,33 @@ def test_min_rank_and_when_tagged_limit_a_symptom():
     assert known_issues.classify(tagged, Verdict("c", "forward", [logits(rank=0)]), NEWEST, [issue]).status == Status.FAILED
     # the symptom does not apply to an untagged case: no issue, a plain failure (and a pass is no stale entry)
     assert known_issues.classify(untagged, Verdict("c", "forward", []), NEWEST, [issue]).status == Status.PASSED
+
+
+def test_a_second_package_range_must_hold_too():
+    issue = KnownIssue("k", "u", "t", "accelerate", ">=1.14.0,<1.15.0", lambda c: True,
+                       {"forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS})),)}, also={"torch": ">=2.13"})
+    logits = Verdict("c", "forward", [Problem("forward", "c", ProblemKind.LOGITS, rank=0)])
+    stack = {"accelerate": "1.14.0", "torch": "2.13.0+cpu"}
+    assert known_issues.classify(case(), logits, stack, [issue]).status == Status.XFAILED
+    assert known_issues.classify(case(), logits, {**stack, "torch": "2.12.0"}, [issue]).status == Status.FAILED
+    assert known_issues.classify(case(), logits, {"accelerate": "1.14.0"}, [issue]).status == Status.FAILED
+
+
+def test_a_dtype_symptom_matches_the_exact_dtypes():
+    from fsdp_load_checks.records import Against
+    from fsdp_load_checks.records.case import MIXED_PRECISION
+
+    bf16 = Case("c", "test", dict, dtype="bfloat16").with_tags(MIXED_PRECISION)
+    acc1130 = {"transformers": "5.24.0", "accelerate": "1.13.0"}
+
+    def dtype(got, want="float32", against=Against.PLAIN_LOAD):
+        return Problem("parameters", "c", ProblemKind.DTYPE, rank=1, tensor="lm_head.weight", against=against,
+                       got=got, want=want)
+
+    def status(*problems):
+        return known_issues.classify(bf16, Verdict("c", "parameters", list(problems)), acc1130).status
+
+    assert status(dtype("bfloat16")) == Status.XFAILED  # accelerate-3979
+    assert status(dtype("bfloat16"), dtype("float16", want="bfloat16", against=Against.RANK0)) == Status.FAILED
+    assert status(dtype("float64")) == Status.FAILED
+    assert known_issues.classify(bf16, Verdict("c", "parameters", [dtype("bfloat16")]), NEWEST).status == Status.FAILED

@@ -11,8 +11,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutput
+
+try:
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x: torch's initialisers, skipping loaded tensors as 5.x's `initialization` does
+    from types import SimpleNamespace
+
+    def _unless_loaded(fill):
+        def apply(tensor, *args, **kwargs):
+            if getattr(tensor, "_is_hf_initialized", False):
+                return tensor
+            with torch.no_grad():
+                return fill(tensor, *args, **kwargs)
+
+        return apply
+
+    init = SimpleNamespace(
+        normal_=_unless_loaded(nn.init.normal_),
+        ones_=_unless_loaded(nn.init.ones_),
+        zeros_=_unless_loaded(nn.init.zeros_),
+        copy_=_unless_loaded(lambda tensor, value: tensor.copy_(value)),
+    )
 
 
 class ToyDecoderConfig(PretrainedConfig):

@@ -161,6 +161,8 @@ class Symptom:
     loading: bool | None = None  # MEMORY: the rank is (True) or is not (False) its node's loading rank
     multiple: tuple[float, float] | None = None
     when_tagged: str | None = None
+    got: str | None = None  # DTYPE / SHAPE: the rank's value, exactly as the problem has it (e.g. "bfloat16")
+    want: str | None = None  # ... the other side's
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ class KnownIssue:
     selects: Callable[[Case], bool]
     symptoms: dict[str, tuple[Symptom, ...]]  # check -> symptoms, any of which explains a problem
     loaders: tuple[str, ...] = ("stock",)  # the installed stack's bugs; a patched loader must not inherit them
+    # other packages the bug needs, each with its PEP 440 specifier (e.g. {"torch": ">=2.13"}): all must hold too
+    also: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
