@@ -65,9 +65,9 @@ class Run:
 
     def reached(self, stage: str) -> bool:
         """Whether the run holds `stage` (of the case named after it)."""
-        if stage == "building":  # its reference process started: `python -m fsdp_load_checks.reference ROOT CASE`
+        if stage == "building":  # its reference process started: `python -m fsdp_load_checks.reference ROOT CASE...`
             below = psutil.Process(self.proc.pid).children(recursive=True)
-            return any(_argv(p)[-1:] == ["signal-building"] for p in below)
+            return any({"fsdp_load_checks.reference", "signal-building"} <= set(_argv(p)) for p in below)
         if stage == "launching":  # every rank started, none in a case yet
             states = self.progress("signal-launching")
             return len(states) == self.nproc and all(s["phase"] == "startup" for s in states)
