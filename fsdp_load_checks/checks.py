@@ -211,6 +211,9 @@ def check_memory(run: CaseRun, ref: Observation) -> list[Problem]:
             problems.append(Problem("memory", run.case, ProblemKind.NO_MEMORY, rank=rank, phase=Phase.FROM_PRETRAINED))
             continue
         loading = mem.local_rank == 0
+        if mem.shards_while_loading:
+            problems.extend(_sharded_load_excess(run.case, rank, mem, phase.committed, loading))
+            continue
         bound = LOADING_RANK_MULTIPLE if loading else NON_LOADING_RANK_FRACTION
         if phase.committed > bound * mem.model_bytes:
             excess = MemoryExcess(Phase.FROM_PRETRAINED, phase.committed, mem.model_bytes, bound, loading, mem.source)
@@ -225,6 +228,28 @@ def check_memory(run: CaseRun, ref: Observation) -> list[Problem]:
                                   loading, mem.source, terms)
             problems.append(Problem("memory", run.case, ProblemKind.MEMORY, rank=rank, memory=excess))
     return problems
+
+
+def sharded_load_bound(mem: MemoryProfile) -> tuple[tuple[str, int], ...]:
+    """What `from_pretrained` may commit on a rank that reads only its own slice (transformers' distributed_config).
+
+    Every rank alike: its shard of the parameters (and the buffers, which every rank holds whole), one full
+    tensor in flight (a slice is cut from a tensor read whole, in the worst case), and the same fixed slack as
+    preparation. There is no broadcast, so no rank is the loading one.
+    """
+    return (("shard", mem.shard_bytes), ("largest tensor", mem.largest_tensor_bytes), ("slack", PREPARATION_SLACK_BYTES))
+
+
+def _sharded_load_excess(case: str, rank: int, mem: MemoryProfile, committed: int, loading: bool) -> list[Problem]:
+    if not mem.shard_bytes:  # the load raised: nothing to bound
+        return []
+    terms = sharded_load_bound(mem)
+    limit = sum(size for _, size in terms)
+    if committed <= limit:
+        return []
+    excess = MemoryExcess(Phase.FROM_PRETRAINED, committed, mem.model_bytes, limit / mem.model_bytes, loading,
+                          mem.source, terms)
+    return [Problem("memory", case, ProblemKind.MEMORY, rank=rank, memory=excess)]
 
 
 def model_dtype(obs: Observation) -> str:

@@ -194,6 +194,7 @@ KNOWN_ISSUES = [
         package="transformers",
         affected=">=5.0.0",
         selects=_tagged(FORGOTTEN_BUFFER),
+        loaders=("stock", "native-fsdp"),  # transformers' own FSDP loading restores them the same way
         symptoms={
             # the loading rank's copy is uninitialised: NaN under poisoning, for a floating buffer
             "no-nan": (
@@ -402,6 +403,153 @@ KNOWN_ISSUES += [
                 for d in HALF_DTYPES
             ),
         },
+    ),
+]
+
+
+# --- transformers 4.57.6 (tox env tf4576) ---
+# A non-persistent buffer registered under two names: accelerate's fsdp2_prepare_model saves them with
+# `named_buffers()` (duplicates removed) before `model.to("meta")` and re-registers one name only (read in
+# 1.10.0, 1.13.0, 1.15.0). Under transformers 5 its own bug fails first (shared-non-persistent-buffer-left-on-meta).
+SHARED_BUFFER_NAMES = r"model\.layers\.\d+\.(causal_mask|mamba\.mup_vector)"
+META_BUFFER = Symptom(kinds=frozenset({ProblemKind.ON_META}), tensor=SHARED_BUFFER_NAMES)
+META_AT_FORWARD = Symptom(
+    kinds=frozenset({ProblemKind.RAISED}),
+    exc_type="RuntimeError",
+    message="Tensor on device meta is not on the expected device cpu!",
+    phase=Phase.FORWARD,
+)
+# accelerate's TRANSFORMER_BASED_WRAP policy raises on the first `_no_split_modules` class the model lacks; in
+# transformers 5 `_no_split_modules` is a set, so which of the three comes first varies from run to run
+GEMMA3_VISION_CLASSES = ("SiglipVisionEmbeddings", "SiglipEncoderLayer", "SiglipMultiheadAttentionPoolingHead")
+NO_SPLIT_CLASS_MISSING = tuple(
+    Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError",
+            message=f"Could not find the transformer layer class {name} in the model.", phase=Phase.FSDP2_PREPARE,
+            when_tagged=MIXED_PRECISION)
+    for name in GEMMA3_VISION_CLASSES
+)
+
+KNOWN_ISSUES += [
+    KnownIssue(
+        key="accelerate-shared-non-persistent-buffer-left-on-meta",
+        url=ACCELERATE_FSDP_UTILS.format("1.15.0") + "#L839",
+        title=(
+            "fsdp2_prepare_model keeps each rank's non-persistent buffers by named_buffers(), which drops the second "
+            "name of a tensor registered twice, so after model.to('meta') that name stays on meta and the forward "
+            "fails (transformers 4.57: the shared-buffer toy, and Falcon-H1, whose layers share mup_vector; found by "
+            "this suite, not yet reported)"
+        ),
+        package="accelerate",
+        affected=">=1.10.0",
+        also={"transformers": "<5.0.0"},
+        selects=lambda case: SHARED_NON_PERSISTENT in case.tags or case.name == "arch-falcon-h1",
+        symptoms={"buffers": (META_BUFFER,), "forward": (META_AT_FORWARD,)},
+    ),
+    KnownIssue(
+        key="gemma3-text-no-split-modules-name-vision-classes",
+        url="https://github.com/huggingface/transformers/blob/v5.14.0/src/transformers/models/gemma3/modeling_gemma3.py",
+        title=(
+            "Gemma3PreTrainedModel._no_split_modules names the Siglip vision classes, which the text-only "
+            "Gemma3ForCausalLM does not contain; under a TRANSFORMER_BASED_WRAP accelerate config (TRL's FSDP2 "
+            "config) accelerate raises ValueError in Accelerator.prepare on every rank (5.15.0 lists the decoder "
+            "layer only)"
+        ),
+        package="transformers",
+        affected=">=4.57.6,<5.15.0",
+        selects=_named("arch-gemma3-text", "arch-gemma3-text@bf16"),
+        symptoms=dict.fromkeys(ALL_CHECKS, NO_SPLIT_CLASS_MISSING),
+    ),
+]
+
+# --- transformers' own FSDP2 loading (--loader native-fsdp, loaders/native.py), run on 5.24.0 only ---
+NATIVE = ("native-fsdp",)
+FALCON_H1_MUP = r"model\.layers\.\d+\.mamba\.mup_vector"
+DISTRIBUTED = "https://github.com/huggingface/transformers/tree/v5.24.0/src/transformers/distributed"
+KNOWN_ISSUES += [
+    KnownIssue(
+        key="native-fsdp-shared-non-persistent-buffer-left-on-meta",
+        url=DISTRIBUTED,
+        title=(
+            "from_pretrained(distributed_config=...) materialises a buffer registered under two module names under "
+            "one name only: the other stays on meta on every rank and the forward fails (found by this suite)"
+        ),
+        package="transformers",
+        affected=">=5.24.0",
+        selects=_tagged(SHARED_NON_PERSISTENT),
+        symptoms={"buffers": (META_BUFFER,), "forward": (META_AT_FORWARD,)},
+        loaders=NATIVE,
+    ),
+    KnownIssue(
+        key="native-fsdp-missing-key-drawn-per-shard",
+        url=DISTRIBUTED,
+        title=(
+            "from_pretrained(distributed_config=...): a key the checkpoint lacks is initialised shard by shard, each "
+            "rank drawing its slice from the same seed, so the tensor repeats its first shard (on 2 CPU ranks "
+            "lm_head.weight's second half equals its first; measured on CPU/gloo; found by this suite)"
+        ),
+        package="transformers",
+        affected=">=5.24.0",
+        selects=_named("missing-head", "missing-head@bf16"),
+        symptoms={
+            "parameters": (Symptom(kinds=frozenset({ProblemKind.VALUES}), tensor=r"lm_head\.weight",
+                                   against=Against.PLAIN_LOAD),),
+            "forward": (WRONG_LOGITS,),
+        },
+        loaders=NATIVE,
+    ),
+    KnownIssue(
+        key="native-fsdp-kimi-linear-conv1d",
+        url=DISTRIBUTED,
+        title=(
+            "from_pretrained(distributed_config=...) loads KimiLinear's short-convolution weight "
+            "(self_attn.conv1d.weight, 96x1x4) wrong on every rank: 256/384 elements differ from the plain load "
+            "(cause not diagnosed; found by this suite)"
+        ),
+        package="transformers",
+        affected=">=5.24.0",
+        selects=_named("arch-kimi-linear"),
+        symptoms={
+            "parameters": (Symptom(kinds=frozenset({ProblemKind.VALUES}),
+                                   tensor=r"model\.layers\.\d+\.self_attn\.conv1d\.weight", against=Against.PLAIN_LOAD),),
+            "forward": (WRONG_LOGITS,),
+        },
+        loaders=NATIVE,
+    ),
+    KnownIssue(
+        key="native-fsdp-falcon-h1-mup-vector-uninitialised",
+        url=DISTRIBUTED,
+        title=(
+            "from_pretrained(distributed_config=...) leaves Falcon-H1's non-persistent mup_vector uninitialised on "
+            "every rank (NaN under poisoning), where the plain load computes it (found by this suite)"
+        ),
+        package="transformers",
+        affected=">=5.24.0",
+        selects=_named("arch-falcon-h1"),
+        symptoms={
+            "no-nan": (Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tensor=FALCON_H1_MUP), NAN_LOGITS),
+            "buffers": (Symptom(kinds=frozenset({ProblemKind.VALUES}), tensor=FALCON_H1_MUP),),
+            "forward": (WRONG_LOGITS,),
+        },
+        loaders=NATIVE,
+    ),
+    KnownIssue(
+        key="native-fsdp-half-precision-master-weights",
+        url=DISTRIBUTED + "/fsdp.py",
+        title=(
+            "DistributedConfig(fsdp_mixed_precision=True) only sets a bf16 compute policy: parameters of a 16-bit "
+            "checkpoint stay 16-bit, so the optimizer's master weights are bf16/fp16 where accelerate's FSDP2 "
+            "preparation keeps fp32 ones (the same consequence as accelerate-3979)"
+        ),
+        package="transformers",
+        affected=">=5.24.0",
+        selects=lambda case: MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
+        symptoms={
+            "parameters": tuple(
+                Symptom(kinds=frozenset({ProblemKind.DTYPE}), against=Against.PLAIN_LOAD, got=d, want="float32")
+                for d in HALF_DTYPES
+            ),
+        },
+        loaders=NATIVE,
     ),
 ]
 

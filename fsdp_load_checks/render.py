@@ -20,6 +20,7 @@ from fsdp_load_checks.records import (
     NotRun,
     Observation,
     Outcome,
+    Phase,
     Problem,
     ProblemKind,
     Status,
@@ -97,6 +98,8 @@ def difference_text(d: Difference, numel: int) -> str:
 def _memory_text(p: Problem) -> str:
     m = p.memory
     role = "the loading rank (LOCAL_RANK 0)" if m.loading else "a rank that only receives rank 0's weights"
+    if m.terms and m.phase == Phase.FROM_PRETRAINED:  # only a loader that shards while loading bounds it by terms
+        role = "a rank that reads only its own slice"
     if m.terms:
         terms = " + ".join(f"{what} {size / MiB:.1f}" for what, size in m.terms)
         return (

@@ -475,6 +475,7 @@ _EXTRA_SPECS: dict[str, tuple[str, dict, str, bool]] = {
             expert_layer_offset=1,
             mamba_d_state=4,
             mamba_dt_rank=4,
+            use_mamba_kernels=False,  # transformers 4.57 refuses the CPU forward without the CUDA kernels otherwise
         ),
         "mamba + attention hybrid with MoE (no positional buffers at all)",
         False,

@@ -8,6 +8,8 @@ parent or the reference process.
   fixed        stock + the documented fix set (fixed.py, docs/fixed-loader.md)
   <regression> a historical regression re-created on top of `fixed` (regressions.py)
   trainer-args the Trainer's wiring: TrainingArguments built in each rank before loading (trainer.py)
+  native-fsdp  transformers' own FSDP2 loading, from_pretrained(distributed_config=...): replaces the load and
+               the preparation (native.py)
 
 `reference` is the fixed loader's old name, kept as an alias for one release
 (it was easy to confuse with the reference process, the plain single-process
@@ -22,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import ContextManager
 
 from fsdp_load_checks.loaders.fixed import FIXED, Variant, patched
+from fsdp_load_checks.loaders.native import load as native_load
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.loaders.trainer import trainer_arguments
 
@@ -31,6 +34,9 @@ class Loader:
     name: str
     summary: str
     patch: Callable[[], ContextManager]
+    # replaces `from_pretrained` + `Accelerator.prepare`: (model class, checkpoint, dtype) -> a model already sharded (FSDP2)
+    # on every rank, each having read only its slice; None: the env-flag path the other loaders take
+    load: Callable | None = None
 
 
 def _variant_loader(name: str, summary: str, variant: Variant) -> Loader:
@@ -54,6 +60,13 @@ LOADERS["trainer-args"] = Loader(
     "the Trainer's wiring under plain torchrun: TrainingArguments(fsdp=True, fsdp_config={version: 2, "
     "cpu_ram_efficient_loading: True}) built in each rank before from_pretrained, no accelerate launch",
     trainer_arguments,
+)
+LOADERS["native-fsdp"] = Loader(
+    "native-fsdp",
+    "transformers' own FSDP2 loading: from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)), "
+    "every rank reads its slice, no accelerate env flags, no Accelerator.prepare (transformers 5.16+)",
+    contextlib.nullcontext,
+    load=native_load,
 )
 
 # old name -> new name; an alias loads exactly what its target loads, and is dropped after one release

@@ -51,7 +51,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     from fsdp_load_checks.model_class import loadable
     from fsdp_load_checks.poison import poisoned
     from fsdp_load_checks.rank.memory import Sampler
-    from fsdp_load_checks.rank.prepare import prepare
+    from fsdp_load_checks.rank.prepare import prepare, prepared_sizes
     from fsdp_load_checks.records import MemoryProfile
 
     rank = int(os.environ["RANK"])
@@ -66,21 +66,30 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
         with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
             import_all(tuple(task.imports))
             model_class = loadable(task.model_class, task.checkpoint)  # modeling code imported before the baseline
-            with loaders.get(spec.loader).patch():
+            loader = loaders.get(spec.loader)
+            with loader.patch():
                 phase = Phase.FROM_PRETRAINED
                 progress(phase, task.case, task.fault)
                 memory.phase(phase)
-                assert_path_under_test()
-                torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
-                with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
-                    model = model_class.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
-                phase = Phase.FSDP2_PREPARE
-                progress(phase)
-                memory.phase(phase)
-                model, optimizer, how, sizes = prepare(accelerator, model, spec.accelerate_env)
-                obs.preparation.update(how)
-                for name, value in sizes.items():
-                    setattr(obs.memory, name, value)
+                if loader.load is not None:  # it shards while loading: every rank reads its slice, no preparation
+                    torch.manual_seed(task.seed)  # keys missing from the checkpoint: each rank draws what the reference draws
+                    with poisoned(True):  # every rank loads: each one's uninitialised memory is NaN
+                        model = loader.load(model_class, task.checkpoint, getattr(torch, task.dtype))
+                    obs.preparation.update({"call": "from_pretrained(distributed_config)", "loader": spec.loader})
+                    obs.memory.shards_while_loading = True
+                    obs.memory.shard_bytes, obs.memory.largest_tensor_bytes = prepared_sizes(model)
+                else:
+                    assert_path_under_test()
+                    torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
+                    with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
+                        model = model_class.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
+                    phase = Phase.FSDP2_PREPARE
+                    progress(phase)
+                    memory.phase(phase)
+                    model, optimizer, how, sizes = prepare(accelerator, model, spec.accelerate_env)
+                    obs.preparation.update(how)
+                    for name, value in sizes.items():
+                        setattr(obs.memory, name, value)
             phase = Phase.OBSERVE
             progress(phase)
             memory.phase(phase)

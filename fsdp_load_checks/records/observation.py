@@ -76,6 +76,9 @@ class MemoryProfile:
     shard_bytes: int = 0  # this rank's local shards of the prepared parameters and its buffers
     largest_tensor_bytes: int = 0  # the largest full prepared parameter: one broadcast receive buffer
     upcast_bytes: int = 0  # under mixed precision, fp32 master copies of 16-bit parameters (the whole model)
+    # the loader shards while loading (each rank reads its slice: loaders/native.py), so from_pretrained is
+    # bounded by the shard terms on every rank, and there is no preparation (checks.check_memory)
+    shards_while_loading: bool = False
     trace: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, bytes)
     marks: list[tuple[float, str]] = field(default_factory=list)  # (seconds since start, phase that began)
 
