@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsdp_load_checks import accelerate_config, catalogue, checks
+from fsdp_load_checks import accelerate_config, catalogue, checks, known_issues
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind
+from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Status
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
 
 # the first and the second case of one launch, under each config (a second case once went through DDP instead)
@@ -47,7 +47,9 @@ def test_every_rank_went_through_accelerator_prepare(prepared, case):
             "mixed_precision": mixed,
             "device": "cpu",
         }, (case, rank)
-    assert all(v.passed or v.skipped for v in result.verdicts.values()), case
+    # the stock stack: a bf16 checkpoint under bf16 saves its fp32 master weights (a registered upstream issue)
+    outcomes = known_issues.outcomes(result, catalogue.all_cases()[case], "stock")
+    assert all(o.status != Status.FAILED for o in outcomes.values()), case
 
 
 def test_under_bf16_the_prepared_parameters_are_fp32_master_weights(prepared):

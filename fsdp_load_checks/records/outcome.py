@@ -15,10 +15,11 @@ from fsdp_load_checks.records.enums import (
     LostHow,
     Phase,
     ProblemKind,
+    Quantity,
     Status,
     TensorKind,
 )
-from fsdp_load_checks.records.observation import Failure, Observation
+from fsdp_load_checks.records.observation import Failure, Observation, Reload
 
 
 @dataclass
@@ -47,6 +48,7 @@ class CaseRun:
     observations: dict[int, Observation] = field(default_factory=dict)
     lost: list[LostRank] = field(default_factory=list)
     launch_dir: str = ""
+    reload: Reload | None = None  # the plain reload of rank 0's save_pretrained directory, when it wrote one
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Problem:
 
     `rank` is None for the reference process. `tensor` is a parameter or
     buffer name, "logits", or the names of a lost tie joined by ", ".
+    `quantity` says what was compared when it is not the loaded tensor itself
+    (a state dict, a saved file, a gradient, the loss, ...).
     """
 
     check: str
@@ -107,6 +111,7 @@ class Problem:
     phase: Phase | None = None  # NO_MEMORY: the phase with no figures
     failure: Failure | None = None  # RAISED, REFERENCE_FAILED
     lost: LostRank | None = None  # LOST
+    quantity: Quantity | None = None  # state-dict and train-step checks: what was compared
 
 
 @dataclass
@@ -132,7 +137,9 @@ class Symptom:
     full; `tagged` names a case tag whose `Case.tensors` list the problem's
     tensor must be in. `when_tagged` limits the symptom to cases with that
     tag. `multiple` bounds a memory problem's committed / model bytes,
-    low inclusive, high exclusive.
+    low inclusive, high exclusive. `quantities` limits it to problems about
+    those quantities (a gradient, a saved file, ...); `got` and `want` are
+    regular expressions over the problem's own got/want text.
     """
 
     kinds: frozenset[ProblemKind] = frozenset()  # empty: any kind
@@ -146,6 +153,9 @@ class Symptom:
     loading: bool | None = None  # MEMORY: the rank is (True) or is not (False) its node's loading rank
     multiple: tuple[float, float] | None = None
     when_tagged: str | None = None
+    quantities: frozenset[Quantity] = frozenset()  # empty: any (Problem.quantity)
+    got: str | None = None  # regular expressions Problem.got / Problem.want must match in full (DTYPE: dtypes)
+    want: str | None = None
 
 
 @dataclass(frozen=True)

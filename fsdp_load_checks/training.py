@@ -1,0 +1,143 @@
+"""One training step on a fixed batch: the same code on every rank and in the reference process.
+
+Every rank feeds the same batch (`batch`: token ids 0, 1, 2, ... modulo the
+vocabulary, labels = input ids), so FSDP2's average of the ranks' gradients
+is the single-process gradient of that batch. The step is the one users run:
+forward with `labels`, the model's own loss (or transformers'
+`model.loss_function` for a model that returns none), backward, AdamW
+(`LEARNING_RATE`, torch's other defaults), with `STEP_SEED` set right
+before the forward so dropout draws the same masks everywhere.
+
+`plain_step` is the reference's side. Under a mixed-precision config it
+emulates torch's `MixedPrecisionPolicy` the way accelerate sets it
+(param_dtype = reduce_dtype = output_dtype = the half dtype;
+torch/distributed/fsdp/_fully_shard/_fsdp_api.py): the forward and backward
+run on half-precision copies of the fp32 master weights, the model's
+outputs are cast to output_dtype with the very function FSDP2 applies to
+them, each gradient is the half-precision gradient (the average of N equal
+half values is exact for N a power of two) cast back to fp32, and AdamW
+steps the fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from fsdp_load_checks.observe import record
+from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
+
+LEARNING_RATE = 1e-3
+STEP_SEED = 1234
+BATCH, SEQ = 2, 8
+
+
+def batch(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """(BATCH, SEQ) int64 token ids 0, 1, 2, ... modulo the text vocabulary: the input and the labels."""
+    vocab = model.config.get_text_config().vocab_size
+    return (torch.arange(BATCH * SEQ) % vocab).view(BATCH, SEQ).to(device)
+
+
+def make_optimizer(params) -> torch.optim.Optimizer:
+    """The optimizer every rank and the reference step with: AdamW at LEARNING_RATE, torch's defaults otherwise."""
+    return torch.optim.AdamW(params, lr=LEARNING_RATE)
+
+
+def forward_loss(model: torch.nn.Module, ids: torch.Tensor, cast_outputs: Callable | None = None) -> torch.Tensor:
+    """The scalar loss of `model` on `ids` (labels = ids), after seeding the RNG (dropout).
+
+    The model's own `loss` when it computes one from `labels`; otherwise
+    transformers' `model.loss_function` (ForCausalLMLoss: logits upcast to
+    fp32, labels shifted, mean over tokens). `cast_outputs` is applied to the
+    model's output first (the reference's emulation of FSDP2's output_dtype).
+    """
+    torch.manual_seed(STEP_SEED)
+    output = model(input_ids=ids, labels=ids)
+    if cast_outputs is not None:
+        output = cast_outputs(output)
+    loss = getattr(output, "loss", None)
+    if loss is None:
+        loss = model.loss_function(logits=output.logits, labels=ids, vocab_size=model.config.get_text_config().vocab_size)
+    return loss
+
+
+def gradients(model: torch.nn.Module, before_gather: Callable[[], None] | None = None) -> dict[str, TensorRecord]:
+    """Every parameter's full gradient under every name it has (a DTensor is gathered: a collective, every rank
+    must call it); a parameter without a gradient has no entry."""
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.grad is None:
+            continue
+        if before_gather:
+            before_gather()
+        out[name] = record(name, TensorKind.PARAMETER, param.grad)
+    return out
+
+
+def parameters(model: torch.nn.Module, before_gather: Callable[[], None] | None = None) -> dict[str, TensorRecord]:
+    """Every parameter, whole, under every name it has (a collective on ranks, like `gradients`)."""
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if before_gather:
+            before_gather()
+        out[name] = record(name, TensorKind.PARAMETER, param)
+    return out
+
+
+def master_dtypes(model: torch.nn.Module, optimizer) -> dict[str, str]:
+    """name -> dtype of the tensor the optimizer steps for that parameter; absent: the optimizer does not hold it.
+
+    `optimizer` may be accelerate's AcceleratedOptimizer (its `.optimizer` is
+    the torch one); identity decides, so a parameter the optimizer lost track
+    of (replaced after the optimizer was built) shows as absent.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    held = {id(p) for group in inner.param_groups for p in group["params"]}
+    return {
+        name: str(param.dtype).removeprefix("torch.")
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if id(param) in held
+    }
+
+
+def fsdp2_output_cast(dtype: torch.dtype) -> Callable:
+    """FSDP2's cast of a module's forward outputs to MixedPrecisionPolicy.output_dtype: the same helpers it calls
+    (torch/distributed/fsdp/_fully_shard/_fsdp_state.py `_cast_output_dtype`), so the emulation rounds as it does."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
+    from torch.distributed.utils import _apply_to_tensors
+
+    return functools.partial(_apply_to_tensors, functools.partial(_cast_fp_tensor, dtype))
+
+
+def plain_step(model: torch.nn.Module, compute: torch.dtype | None = None) -> TrainStep:
+    """The reference's step on a plain model; `compute` (mixed precision) is the policy's half dtype.
+
+    `model` holds what every rank's parameters should be after preparation
+    (fp32 master weights under mixed precision); it is stepped in place.
+    """
+    model.train()
+    optimizer = make_optimizer(model.parameters())
+    ids = batch(model, torch.device("cpu"))
+    unique = list(model.parameters())
+    masters = [p.data for p in unique]
+    if compute is not None:
+        for param in unique:
+            if param.is_floating_point():
+                param.data = param.data.to(compute)  # the unsharded parameter FSDP2 computes with (param_dtype)
+    loss = forward_loss(model, ids, fsdp2_output_cast(compute) if compute is not None else None)
+    loss.backward()
+    if compute is not None:
+        for param, master in zip(unique, masters):
+            grad, param.grad = param.grad, None
+            param.data = master
+            if grad is not None:
+                param.grad = grad.to(master.dtype)  # reduced in reduce_dtype, handed to the optimizer in the orig dtype
+    step = TrainStep(loss=float(loss.detach().float()), loss_dtype=str(loss.dtype).removeprefix("torch."), device="cpu")
+    step.grads = gradients(model)
+    optimizer.step()
+    step.params = parameters(model)
+    step.master = master_dtypes(model, optimizer)
+    model.eval()
+    return step
