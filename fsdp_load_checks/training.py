@@ -63,26 +63,38 @@ def forward_loss(model: torch.nn.Module, ids: torch.Tensor, cast_outputs: Callab
     return loss
 
 
-def gradients(model: torch.nn.Module, before_gather: Callable[[], None] | None = None) -> dict[str, TensorRecord]:
-    """Every parameter's full gradient under every name it has (a DTensor is gathered: a collective, every rank
-    must call it); a parameter without a gradient has no entry."""
+def gradients(model: torch.nn.Module, before_gather: Callable[[], None] | None = None,
+              keep: bool = True) -> dict[str, TensorRecord]:
+    """Every parameter's full gradient under every name it has; a parameter without a gradient has no entry.
+
+    A DTensor is gathered whole (a collective: every rank must call this);
+    the gathered bytes are the same on every rank, so ranks that pass
+    `keep=False` only take part in the gather and record nothing (rank 0
+    records, and no other rank hashes the model again).
+    """
+    return _gathered(model, lambda p: p.grad, before_gather, keep)
+
+
+def parameters(model: torch.nn.Module, before_gather: Callable[[], None] | None = None,
+               keep: bool = True) -> dict[str, TensorRecord]:
+    """Every parameter, whole, under every name it has (a collective on ranks, like `gradients`)."""
+    return _gathered(model, lambda p: p, before_gather, keep)
+
+
+def _gathered(model, of: Callable, before_gather, keep: bool) -> dict[str, TensorRecord]:
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.grad is None:
+        tensor = of(param)
+        if tensor is None:
             continue
         if before_gather:
             before_gather()
-        out[name] = record(name, TensorKind.PARAMETER, param.grad)
-    return out
-
-
-def parameters(model: torch.nn.Module, before_gather: Callable[[], None] | None = None) -> dict[str, TensorRecord]:
-    """Every parameter, whole, under every name it has (a collective on ranks, like `gradients`)."""
-    out = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if before_gather:
-            before_gather()
-        out[name] = record(name, TensorKind.PARAMETER, param)
+        if keep:
+            out[name] = record(name, TensorKind.PARAMETER, tensor)
+        elif isinstance(tensor, DTensor):
+            tensor.full_tensor()  # this rank's part of the gather rank 0 records
     return out
 
 

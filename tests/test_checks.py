@@ -48,6 +48,8 @@ def observation(rank: int, **overrides) -> Observation:
         obs.round_trip = dict(saved) if rank == 0 else {}
         obs.saved = dict(saved) if rank == -1 else {}
     obs.train = step()
+    if rank > 0:  # gradients and stepped parameters are gathered by every rank and recorded by rank 0
+        obs.train.grads, obs.train.params = {}, {}
     for key, value in overrides.items():
         setattr(obs, key, value)
     return obs
@@ -324,14 +326,14 @@ def test_state_dict_flags_a_save_that_does_not_load_back():
 def test_train_step_is_exact_on_cpu_with_two_ranks():
     ulp = torch.tensor([[0.25, -0.5, 1e-7], [0.0, 2.0, -1.0]])
     ulp[0, 0] = torch.nextafter(ulp[0, 0], torch.tensor(1.0))
-    bad = run_of(observation(0), observation(1, train=step(grad=ulp)))
+    bad = run_of(observation(0, train=step(grad=ulp)), observation(1))
     (p,) = found("train-step", bad, REF)
-    assert (p.kind, p.rank, p.quantity, p.tensor, p.rtol, p.atol) == (ProblemKind.VALUES, 1, Quantity.GRADIENT, "w", 0, 0)
+    assert (p.kind, p.rank, p.quantity, p.tensor, p.rtol, p.atol) == (ProblemKind.VALUES, 0, Quantity.GRADIENT, "w", 0, 0)
     assert problems("train-step", bad, REF)[0].startswith(
-        "c: rank 1 gradient of parameter w differs from the single-process step: 1/6 elements differ"
+        "c: rank 0 gradient of parameter w differs from the single-process step: 1/6 elements differ"
     )
     # four ranks: FSDP2's sum of four equal gradients can round, so torch.testing's fp32 tolerance applies
-    four = run_of(observation(0), observation(1, train=step(grad=ulp)), world_size=4)
+    four = run_of(observation(0, train=step(grad=ulp)), observation(1), world_size=4)
     assert problems("train-step", four, REF) == []
 
 
@@ -340,19 +342,23 @@ def test_train_step_allows_fp16_gradients_one_subnormal_step_from_fsdp2s_pre_div
     one, two = want.clone(), want.clone()
     one[0] = torch.nextafter(want[0], torch.tensor(1.0, dtype=torch.float16))
     two[0] = torch.nextafter(one[0], torch.tensor(1.0, dtype=torch.float16))
-    ref, rank0 = observation(-1, train=step(grad=want)), observation(0, train=step(grad=want))
-    assert problems("train-step", run_of(rank0, observation(1, train=step(grad=one))), ref) == []
-    (line,) = problems("train-step", run_of(rank0, observation(1, train=step(grad=two))), ref)
+    ref = observation(-1, train=step(grad=want))
+    assert problems("train-step", run_of(observation(0, train=step(grad=one)), observation(1)), ref) == []
+    (line,) = problems("train-step", run_of(observation(0, train=step(grad=two)), observation(1)), ref)
     assert "beyond rtol=0 atol=5.96046e-08" in line
 
 
 def test_train_step_flags_the_loss_half_a_tie_and_a_master_weight_in_bf16():
-    lines = problems("train-step", run_of(observation(0), observation(1, train=step(loss=2.75))), REF)
+    off = step(loss=2.75)
+    off.grads, off.params = {}, {}
+    lines = problems("train-step", run_of(observation(0), observation(1, train=off)), REF)
     assert lines == ["c: rank 1 loss differs from the single-process step: 2.75 vs 2.5"]
     half = torch.tensor([[0.125, -0.25, 5e-8], [0.0, 1.0, -0.5]])  # a tied parameter that got one of its two terms
-    (p,) = found("train-step", run_of(observation(0), observation(1, train=step(grad=half))), REF)
+    (p,) = found("train-step", run_of(observation(0, train=step(grad=half)), observation(1)), REF)
     assert (p.kind, p.quantity, p.difference.mismatched) == (ProblemKind.VALUES, Quantity.GRADIENT, 5)
-    assert problems("train-step", run_of(observation(0), observation(1, train=step(master="bfloat16"))), REF) == [
+    bf16 = step(master="bfloat16")
+    bf16.grads, bf16.params = {}, {}
+    assert problems("train-step", run_of(observation(0), observation(1, train=bf16)), REF) == [
         "c: rank 1 optimizer steps parameter w in bfloat16, the single-process step in float32"
     ]
     lost = step()
@@ -366,9 +372,9 @@ def test_train_step_on_cuda_allows_rounding_and_a_flipped_near_zero_gradient_ste
     moved = torch.arange(6, dtype=torch.float32).view(2, 3) - 1e-3
     moved[0, 2] += 2e-3  # Adam's first step went the other way for one element
     cuda = step(grad=torch.tensor([[0.25, -0.5, -1e-7], [0.0, 2.0, -1.0]]), param=moved, device="cuda")  # sign flipped
-    assert problems("train-step", run_of(observation(0, train=cuda), observation(1, train=cuda)), REF) == []
+    assert problems("train-step", run_of(observation(0, train=cuda), observation(1)), REF) == []
     far = step(param=moved + 0.01, device="cuda")
-    assert len(problems("train-step", run_of(observation(0, train=far), observation(1, train=far)), REF)) == 2
+    assert len(problems("train-step", run_of(observation(0, train=far), observation(1)), REF)) == 1
 
 
 @pytest.mark.parametrize(

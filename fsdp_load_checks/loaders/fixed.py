@@ -2,10 +2,12 @@
 
 For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
-transformers, and changes four things (T2, T3, A1, A2), each separately
+transformers, and changes five things (T2, T3, A1, A2, A4), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
 as "the fixed loader, except this piece", showing only its own symptom
-(A3 applies under a mixed-precision accelerate config only):
+(A3 applies under a mixed-precision accelerate config only). The patches
+stay installed after preparation too (rank/case.py), since A4 acts when the
+prepared model is saved:
 
   T1  ranks 1..N: parameters and persistent buffers stay as loaded (memory-mapped,
       no page touched); only non-persistent buffers get placeholders, which

@@ -13,8 +13,9 @@ the same order on every rank, and the only rank-0-only work comes last:
                       into a model built from the config, filled with NaN (`poisoned_model`) and prepared
                       afresh by the same `Accelerator.prepare`; rank 0 records its full state dict.
   TRAIN_STEP          forward on the fixed batch, `accelerator.backward`, `optimizer.step()`
-                      (training.py); every rank records the loss, every full gradient, every
-                      parameter after the step and the dtype of each tensor the optimizer steps.
+                      (training.py); every rank records its loss and the dtype of each tensor its
+                      optimizer steps; every full gradient and every parameter after the step are
+                      gathered by all and recorded by rank 0 (the same bytes on every rank).
   SAVE_PRETRAINED     rank 0: `save_pretrained(dir, state_dict=<the gathered one>)`, as the Trainer
                       and accelerate's docs do; the parent has it loaded back plain (parent/reload.py).
 
@@ -120,9 +121,9 @@ class After:
         self.accelerator.backward(loss)
         step = TrainStep(loss=float(loss.detach().float()), loss_dtype=str(loss.dtype).removeprefix("torch."),
                          device=self.device.type)
-        step.grads = training.gradients(model, self.tick)
+        step.grads = training.gradients(model, self.tick, keep=self.main)
         self.optimizer.step()
-        step.params = training.parameters(model, self.tick)
+        step.params = training.parameters(model, self.tick, keep=self.main)
         step.master = training.master_dtypes(model, self.optimizer)
         self.optimizer.zero_grad()
         model.eval()

@@ -85,14 +85,15 @@ class TrainStep:
     """One forward, backward and AdamW step on a fixed batch, as a process saw it (training.py).
 
     Records are keyed by every name a parameter is registered under (tied
-    names each get one), gathered whole on ranks; above
+    names each get one), gathered whole on ranks and kept by rank 0 only (the
+    gathered bytes are the same on every rank); above
     observe.VALUE_LIMIT_BYTES only digests and samples are kept.
     """
 
     loss: float = float("nan")  # the loss the backward started from, as a Python float (exact for fp32/bf16/fp16)
     loss_dtype: str = ""
-    grads: dict[str, TensorRecord] = field(default_factory=dict)  # the full gradient; absent: no gradient
-    params: dict[str, TensorRecord] = field(default_factory=dict)  # every parameter after optimizer.step()
+    grads: dict[str, TensorRecord] = field(default_factory=dict)  # the full gradient; absent: no gradient (rank 0)
+    params: dict[str, TensorRecord] = field(default_factory=dict)  # every parameter after optimizer.step() (rank 0)
     master: dict[str, str] = field(default_factory=dict)  # name -> dtype of the tensor the optimizer steps
     device: str = "cpu"  # where it ran: the train-step tolerance depends on it (checks.train_step_tolerance)
 
