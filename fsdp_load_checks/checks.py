@@ -26,10 +26,12 @@ from fsdp_load_checks.records import (
     Phase,
     Problem,
     ProblemKind,
+    Quantity,
     TensorKind,
     TensorRecord,
     Verdict,
 )
+from fsdp_load_checks.training import LEARNING_RATE
 
 # torch.testing's default tolerances per dtype. FSDP2 gathers the very same
 # weights and runs the same kernels as a plain process, so on CPU logits come
@@ -252,6 +254,150 @@ def _sharded_load_excess(case: str, rank: int, mem: MemoryProfile, committed: in
     return [Problem("memory", case, ProblemKind.MEMORY, rank=rank, memory=excess)]
 
 
+def _compare_all(got: dict[str, TensorRecord], want: dict[str, TensorRecord], rank: int, quantity: Quantity,
+                 against: Against, check: str, case: str, ties: list[tuple[str, ...]] = (),
+                 tolerance: Callable[[str], tuple[float, float]] | None = None) -> list[Problem]:
+    """Every key of `want` in `got` and nothing more, each equal (bit for bit, or within `tolerance(dtype)`).
+
+    A key `got` has beyond `want` that is one name of a tie (`ties`) holding
+    the same bytes as another name of it present in both is a TIED_COPY: the
+    tie was written as two tensors where `want` stores one.
+    """
+    problems = []
+    problem = partial(Problem, check, case, rank=rank, quantity=quantity, against=against)
+    for name in [n for n in want if n not in got]:
+        problems.append(problem(ProblemKind.MISSING, tensor=name, tensor_kind=want[name].kind))
+    for name in [n for n in got if n not in want]:
+        twin = next((other for tie in ties if name in tie for other in tie
+                     if other != name and other in want and other in got and got[other].digest == got[name].digest), None)
+        if twin is not None:
+            problems.append(problem(ProblemKind.TIED_COPY, tensor=name, tensor_kind=got[name].kind, got=twin))
+        else:
+            problems.append(problem(ProblemKind.UNEXPECTED, tensor=name, tensor_kind=got[name].kind))
+    for name in [n for n in want if n in got]:
+        rtol, atol = tolerance(want[name].dtype) if tolerance else (0.0, 0.0)
+        found = compare(got[name], want[name], rank, against, check, case)
+        if found and found.kind == ProblemKind.VALUES and (rtol or atol) and _close(got[name], want[name], rtol, atol):
+            found = None
+        if found:
+            problems.append(dataclasses.replace(found, quantity=quantity, rtol=rtol, atol=atol))
+    return problems
+
+
+def _close(got: TensorRecord, want: TensorRecord, rtol: float, atol: float) -> bool:
+    """Within tolerance on the values both kept (whole tensors, else the same strided sample)."""
+    if got.value is not None and want.value is not None:
+        return torch.allclose(got.value.double(), want.value.double(), rtol=rtol, atol=atol)
+    if got.sample is not None and want.sample is not None:
+        return torch.allclose(got.sample.double(), want.sample.double(), rtol=rtol, atol=atol)
+    return False
+
+
+def check_state_dict(run: CaseRun, ref: Observation) -> list[Problem]:
+    """What a save writes equals the plain load: gathered, after a sharded round trip, saved, loaded back.
+
+    The gathered full state dict (rank 0, `accelerator.get_state_dict`) and
+    the one gathered after a sharded (DCP) save and load into a fresh model
+    must hold exactly the plain load's `state_dict()` keys, dtypes (the
+    dtype each was loaded in) and bytes. The files rank 0's `save_pretrained`
+    wrote must hold what a plain `save_pretrained` writes (tied parameters
+    once, no non-persistent buffer), and a plain load of them must give the
+    plain load's state dict back.
+    """
+    problems = []
+    rank0 = run.observations[0]
+    against = partial(_compare_all, rank=0, check="state-dict", case=run.case)
+    problems += against(rank0.state_dict, ref.state_dict, quantity=Quantity.GATHERED, against=Against.PLAIN_LOAD)
+    problems += against(rank0.round_trip, ref.state_dict, quantity=Quantity.ROUND_TRIP, against=Against.PLAIN_LOAD)
+    reload = run.reload
+    if reload is None or reload.failure is not None:
+        problems.append(Problem("state-dict", run.case, ProblemKind.RELOAD_FAILED, rank=0, quantity=Quantity.RELOADED,
+                                failure=reload.failure if reload else None))
+        return problems
+    problems += against(reload.saved, ref.saved, quantity=Quantity.SAVED, against=Against.PLAIN_SAVE, ties=ref.ties)
+    problems += against(reload.state_dict, ref.state_dict, quantity=Quantity.RELOADED, against=Against.PLAIN_LOAD)
+    return problems
+
+
+# The smallest positive float16 (a subnormal): one step of the rounding FSDP2's fp16 gradient average makes.
+FLOAT16_SUBNORMAL = 2.0**-24
+
+
+def train_step_tolerance(device: str, world_size: int, quantity: Quantity, dtype: str) -> tuple[float, float]:
+    """(rtol, atol) for one train-step value on ranks of `device`, against the single-process step.
+
+    CPU, 1 or 2 ranks: exact (0, 0). Every rank computes the forward and
+    backward on the same whole parameters, with the same kernels and thread
+    count (1) as the reference process, on the same batch; FSDP2 averages
+    fp32 and bf16 gradients with ReduceOp.AVG, and (x + x) / 2 = x exactly;
+    AdamW is elementwise. Measured bit-equal on every zoo case, fp32 and
+    under the bf16 policy (emulated in training.plain_step), 2 ranks.
+    One exception, measured on fp16-checkpoint: a float16 model (no mixed
+    precision) has float16 gradients, which FSDP2 pre-divides by 2 before
+    summing to avoid overflow (torch fsdp/_fully_shard/_fsdp_collectives.py
+    `_get_gradient_divide_factors`); x / 2 rounds where it falls below fp16's
+    normal range, so such a gradient may differ by one subnormal step
+    (atol = 2**-24; measured: exactly that, on 1-14 elements per tensor) and a
+    parameter after the step by fp16's own rounding (torch.testing's fp16
+    tolerance); parameters after the step came out bit-equal there.
+
+    CPU, more ranks: the sum of N equal values can round before the division
+    (3x for N = 4 with a sequential sum), so torch.testing's default for the
+    dtype (LOGIT_TOLERANCE); an error of an ulp or two never flips a
+    gradient's sign, so parameters after the step stay within it too.
+
+    CUDA (not measured here: no multi-GPU machine): kernels differ from the
+    CPU reference, so the dtype's default; parameters after the first AdamW
+    step move by about lr * sign(gradient), and rounding can flip the sign
+    of a gradient that cancels to near zero, so they get atol = 2 * lr.
+    """
+    default = LOGIT_TOLERANCE.get(dtype, LOGIT_TOLERANCE["float32"])
+    if device == "cpu" and world_size <= 2:
+        if dtype == "float16" and quantity == Quantity.GRADIENT:
+            return 0.0, FLOAT16_SUBNORMAL
+        if dtype == "float16" and quantity == Quantity.STEPPED:
+            return default
+        return 0.0, 0.0
+    rtol, atol = default
+    if device != "cpu" and quantity == Quantity.STEPPED:
+        atol = max(atol, 2 * LEARNING_RATE)
+    return rtol, atol
+
+
+def check_train_step(run: CaseRun, ref: Observation) -> list[Problem]:
+    """One training step on every rank equals the single-process step: every rank's loss and the dtype of what its
+    optimizer steps (fp32 master weights under mixed precision); the full gradients (tied names: the summed
+    gradient, under each name) and parameters after the step, which every rank gathers and rank 0 records."""
+    problems = []
+    want = ref.train
+    for rank, obs in sorted(run.observations.items()):
+        got = obs.train
+        problem = partial(Problem, "train-step", run.case, rank=rank, against=Against.PLAIN_STEP)
+        if got is None:
+            problems.append(problem(ProblemKind.MISSING, quantity=Quantity.LOSS))
+            continue
+        tolerance = partial(train_step_tolerance, got.device, run.world_size)
+        rtol, atol = tolerance(Quantity.LOSS, got.loss_dtype)
+        loss, want_loss = torch.tensor([got.loss]), torch.tensor([want.loss])
+        if not torch.allclose(loss, want_loss, rtol=rtol, atol=atol):
+            problems.append(problem(ProblemKind.LOSS, quantity=Quantity.LOSS, tensor="loss", rtol=rtol, atol=atol,
+                                    numel=1, difference=difference(loss, want_loss)))
+        if rank == 0:  # gathered by every rank, recorded by rank 0: the same bytes everywhere
+            compare_step = partial(_compare_all, rank=0, against=Against.PLAIN_STEP, check="train-step", case=run.case)
+            problems += compare_step(got.grads, want.grads, quantity=Quantity.GRADIENT,
+                                     tolerance=partial(tolerance, Quantity.GRADIENT))
+            problems += compare_step(got.params, want.params, quantity=Quantity.STEPPED,
+                                     tolerance=partial(tolerance, Quantity.STEPPED))
+        for name, dtype in want.master.items():
+            if name not in got.master:
+                problems.append(problem(ProblemKind.MISSING, quantity=Quantity.MASTER, tensor=name,
+                                        tensor_kind=TensorKind.PARAMETER))
+            elif got.master[name] != dtype:
+                problems.append(problem(ProblemKind.DTYPE, quantity=Quantity.MASTER, tensor=name,
+                                        tensor_kind=TensorKind.PARAMETER, got=got.master[name], want=dtype))
+    return problems
+
+
 def model_dtype(obs: Observation) -> str:
     """The dtype most parameters have (fp32 buffers inside a bf16 model do not count)."""
     counts: dict[str, int] = {}
@@ -267,9 +413,22 @@ CHECKS: dict[str, Callable[[CaseRun, Observation], list[Problem]]] = {
     "parameters": check_parameters,
     "forward": check_forward,
     "memory": check_memory,
+    "state-dict": check_state_dict,
+    "train-step": check_train_step,
 }
 
-SKIPS: dict[str, Callable[[CaseRun], str]] = {"memory": memory_skip_reason}
+def after_skip_reason(run: CaseRun) -> str:
+    """Why the after-loading checks cannot judge this case ("" when they can): the ranks never went through
+    `Accelerator.prepare` (a loader that shards while loading), so accelerate's save and training path is not theirs."""
+    if any(obs.memory.shards_while_loading for obs in run.observations.values()):
+        return ("the model was sharded by from_pretrained itself (no Accelerator.prepare): accelerate's saving and "
+                "training path does not apply, and is not checked for this loader")
+    return ""
+
+
+SKIPS: dict[str, Callable[[CaseRun], str]] = {
+    "memory": memory_skip_reason, "state-dict": after_skip_reason, "train-step": after_skip_reason,
+}
 
 CHECK_MEANING = {
     "no-nan": "no NaN or Inf in any parameter, buffer or logit on any rank",
@@ -285,6 +444,14 @@ CHECK_MEANING = {
         f"+ {PREPARATION_SLACK_BYTES // MiB} MiB (+ the fp32 state dict on the loading rank under mixed precision) "
         f"(models of {MEMORY_MIN_MODEL_BYTES // MiB} MiB and up)"
     ),
+    "state-dict": (
+        "the full state dict accelerate gathers, and again after a sharded (DCP) save and load, bit-equal to a plain "
+        "load's state_dict (same keys, loaded dtypes); save_pretrained writes what a plain save writes and loads back equal"
+    ),
+    "train-step": (
+        "one forward, backward and AdamW step on every rank equals a single-process step: loss, full gradients "
+        "(tied: summed), parameters after the step (bit-equal on CPU), fp32 master weights under mixed precision"
+    ),
 }
 
 
@@ -293,19 +460,46 @@ CHECK_MEANING = {
 BLOCKING = (ProblemKind.REFERENCE_FAILED, ProblemKind.RAISED, ProblemKind.LOST, ProblemKind.NOT_RUN)
 
 
+# The phases whose records each check judges. A process that raised in a later phase still recorded them (a
+# rank that raised during its training step still observed every tensor), so only the checks needing that phase
+# or a later one are blocked. INIT_BUFFERS is the reference's own fix-up of what it observed.
+NEEDS: dict[str, tuple[Phase, ...]] = {
+    "no-nan": (Phase.OBSERVE, Phase.INIT_BUFFERS),
+    "buffers": (Phase.OBSERVE, Phase.INIT_BUFFERS),
+    "parameters": (Phase.OBSERVE, Phase.INIT_BUFFERS),
+    "forward": (Phase.FORWARD,),
+    "memory": (Phase.OBSERVE, Phase.INIT_BUFFERS),
+    "state-dict": (Phase.STATE_DICT, Phase.SHARDED_ROUND_TRIP, Phase.SAVE_PRETRAINED),
+    "train-step": (Phase.TRAIN_STEP,),
+}
+# the order the reference process goes through its phases (reference/plain.py); ranks: Phase.order
+REFERENCE_ORDER = (Phase.FROM_PRETRAINED, Phase.OBSERVE, Phase.INIT_BUFFERS, Phase.FORWARD, Phase.STATE_DICT,
+                   Phase.TRAIN_STEP)
+
+
+def _blocks(obs: Observation, check: str) -> bool:
+    """`obs` raised before or while recording what `check` judges (a phase the process does not know: before)."""
+    if obs.failure is None:
+        return False
+    if obs.rank == -1:
+        where = REFERENCE_ORDER.index(obs.failure.phase) if obs.failure.phase in REFERENCE_ORDER else -1
+        return where <= max(REFERENCE_ORDER.index(p) for p in NEEDS[check] if p in REFERENCE_ORDER)
+    return Phase.order(obs.failure.phase) <= max(Phase.order(p) for p in NEEDS[check])
+
+
 def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list[Problem]:
     """Failures that leave nothing to verify for a check.
 
-    A process that raised during the forward pass still observed every
-    tensor, so only the forward check is blocked by it; a rank that wrote
-    no result, or raised earlier, blocks every check.
+    A process that raised in a phase after the ones a check judges (NEEDS)
+    still recorded them, so it blocks only the checks needing that phase or
+    a later one (a rank that raised during its training step still observed
+    every tensor); a rank that wrote no result blocks every check.
     """
     if run.not_run is not None:  # never launched: that is the whole story
         return [Problem(check, run.case, ProblemKind.NOT_RUN, not_run=run.not_run)]
-    needs_logits = check == "forward"
 
     def blocks(obs: Observation) -> bool:
-        return obs.failure is not None and (needs_logits or obs.failure.phase != Phase.FORWARD)
+        return _blocks(obs, check)
 
     problems = []
     if ref is None or blocks(ref):

@@ -30,6 +30,7 @@ from fsdp_load_checks.records import (
     Phase,
     Problem,
     ProblemKind,
+    Quantity,
     Status,
     Symptom,
     Verdict,
@@ -42,7 +43,7 @@ from fsdp_load_checks.records.case import (
     PERSISTENT_BUFFER,
     ROOT_NON_PERSISTENT,
     SHARED_NON_PERSISTENT,
-    TIED_WEIGHTS,
+    TIED,
 )
 
 ALL_CHECKS = tuple(CHECKS)
@@ -78,6 +79,12 @@ def matches(symptom: Symptom, problem: Problem, case: Case) -> bool:
         return False
     if s.kinds and p.kind not in s.kinds:
         return False
+    if s.quantities and p.quantity not in s.quantities:
+        return False
+    if s.got is not None and (p.got is None or not re.fullmatch(s.got, p.got)):
+        return False
+    if s.want is not None and (p.want is None or not re.fullmatch(s.want, p.want)):
+        return False
     if s.tensor is not None and not re.fullmatch(s.tensor, p.tensor):
         return False
     if s.tagged is not None and p.tensor not in case.tensors.get(s.tagged, ()):
@@ -85,8 +92,6 @@ def matches(symptom: Symptom, problem: Problem, case: Case) -> bool:
     if s.against is not None and p.against != s.against:
         return False
     if p.rank is None or p.rank < s.min_rank:
-        return False
-    if (s.got is not None and p.got != s.got) or (s.want is not None and p.want != s.want):
         return False
     if s.exc_type is not None or s.message is not None:
         if p.failure is None or p.kind != ProblemKind.RAISED:
@@ -159,6 +164,12 @@ TRAINER_WIRING_PATH_NOT_TAKEN = Symptom(
     phase=Phase.FROM_PRETRAINED,
 )
 RECURRENT_GEMMA_ROPE = r"model\.layers\.\d+\.temporal_block\.rotary_emb\.(original_)?inv_freq"
+# A training step on a rank whose buffer is wrong: its loss differs, and since FSDP2 averages the ranks'
+# gradients, every rank's gradients and stepped parameters differ (rank 0's too).
+TRAINED_WITH_A_WRONG_BUFFER = (
+    Symptom(kinds=frozenset({ProblemKind.LOSS})),
+    Symptom(kinds=frozenset({ProblemKind.VALUES}), quantities=frozenset({Quantity.GRADIENT, Quantity.STEPPED})),
+)
 
 # Version ranges are exact: entries are strict, so a release inside a range where the bug is absent fails
 # as stale, and a release outside it fails on the symptom. Eras of the non-rank-0 branch of
@@ -204,6 +215,7 @@ KNOWN_ISSUES = [
             ),
             "buffers": (Symptom(tagged=FORGOTTEN_BUFFER),),
             "forward": (WRONG_LOGITS,),
+            "train-step": TRAINED_WITH_A_WRONG_BUFFER,
         },
     ),
     KnownIssue(
@@ -239,6 +251,8 @@ KNOWN_ISSUES = [
                         min_rank=1),
             ),
             "forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS}), min_rank=1),),
+            # only ranks 1..N compute with the wrong buffer; the averaged gradients are wrong everywhere
+            "train-step": (Symptom(kinds=frozenset({ProblemKind.LOSS}), min_rank=1), TRAINED_WITH_A_WRONG_BUFFER[1]),
         },
     ),
     KnownIssue(
@@ -259,6 +273,7 @@ KNOWN_ISSUES = [
             "no-nan": (Symptom(kinds=frozenset({ProblemKind.NON_FINITE}), tensor=RECURRENT_GEMMA_ROPE), NAN_LOGITS),
             "buffers": (Symptom(kinds=frozenset({ProblemKind.VALUES}), tensor=RECURRENT_GEMMA_ROPE),),
             "forward": (WRONG_LOGITS,),
+            "train-step": TRAINED_WITH_A_WRONG_BUFFER,
         },
     ),
     KnownIssue(
@@ -289,6 +304,45 @@ KNOWN_ISSUES = [
         affected=">=1.14.0",
         selects=lambda case: BIG in case.tags and MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
         symptoms={"memory": (FP32_COPY_ON_A_RECEIVING_RANK,)},
+    ),
+    KnownIssue(
+        key="save-pretrained-writes-gathered-tie-twice",
+        url="https://github.com/huggingface/transformers/issues/48972",
+        title=(
+            "save_pretrained(state_dict=...) drops a tied key only when the state dict's tensors share storage "
+            "(remove_tied_weights_from_state_dict); accelerate's FSDP2 get_state_dict (torch get_model_state_dict, "
+            "full) gathers each key into its own tensor, so the tied output head is written a second time, as a "
+            "key the plain save does not have (loads back equal; the file carries the embedding twice)"
+        ),
+        package="transformers",
+        affected=">=5.0.0",
+        selects=_tagged(TIED),
+        symptoms={
+            "state-dict": (
+                Symptom(kinds=frozenset({ProblemKind.TIED_COPY}), quantities=frozenset({Quantity.SAVED}), tagged=TIED),
+            ),
+        },
+    ),
+    KnownIssue(
+        key="mixed-precision-state-dict-in-fp32",
+        url="https://github.com/huggingface/transformers/issues/33780",
+        title=(
+            "accelerate 1.14+: under mixed precision fsdp2_prepare_model upcasts a 16-bit model's trainable "
+            "parameters to fp32 master weights, and get_state_dict returns those: the full state dict, a sharded "
+            "checkpoint loaded back, and the save_pretrained file of a bf16-loaded model are fp32, twice the "
+            "checkpoint, while config.json still says bfloat16 (accelerate's own log line warns of it; 1.13 kept "
+            "bf16 only because its upcast was a no-op, issue 3979)"
+        ),
+        package="accelerate",
+        affected=">=1.14.0",
+        selects=lambda case: MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
+        symptoms={
+            "state-dict": (
+                Symptom(kinds=frozenset({ProblemKind.DTYPE}),
+                        quantities=frozenset({Quantity.GATHERED, Quantity.ROUND_TRIP, Quantity.SAVED}),
+                        got="float32", want="|".join(HALF_DTYPES)),
+            ),
+        },
     ),
     KnownIssue(
         key="training-arguments-no-accelerate-use-fsdp",
@@ -381,7 +435,7 @@ KNOWN_ISSUES += [
         package="accelerate",
         affected=">=1.14.0,<1.15.0",
         also={"torch": ">=2.13"},
-        selects=_tagged(TIED_WEIGHTS),
+        selects=_tagged(TIED),
         symptoms={"forward": TIED_IN_TWO_GROUPS},
     ),
     KnownIssue(
@@ -585,6 +639,6 @@ def outcomes(result: CaseResult, case: Case, loader: str, registry=None) -> dict
     versions = result.reference.versions if result.reference else stack_versions()
     if any(o.preparation.get("mixed_precision", "no") != "no" for o in result.run.observations.values()):
         case = case.with_tags(MIXED_PRECISION)  # it ran under a mixed-precision config: --accelerate-config, or its own
-    if result.reference is not None and result.reference.ties:
-        case = case.with_tags(TIED_WEIGHTS)  # the plain load ties parameters (tied input/output embeddings)
+    if result.reference is not None and result.reference.ties:  # the plain load ties parameters
+        case = case.with_tags(tensors={TIED: tuple(name for tie in result.reference.ties for name in tie)})
     return {name: classify(case, v, versions, registry=registry, loader=loader) for name, v in result.verdicts.items()}

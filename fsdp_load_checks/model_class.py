@@ -118,10 +118,12 @@ def read_config(checkpoint: str | Path):
         logging.set_verbosity(verbosity)
 
 
-def from_config(name: str, config):
-    """A freshly initialised model of class `name` built from `config` (the checkpoint builder's model)."""
+def from_config(name: str, config, dtype=None):
+    """A freshly initialised model of class `name` built from `config` (the checkpoint builder's model; a rank's
+    fresh model for the sharded round trip), in `dtype` when given (else the config's default)."""
     cls = resolve(name)
-    return cls.from_config(config) if is_auto(cls) else cls._from_config(config)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return cls.from_config(config, **kwargs) if is_auto(cls) else cls._from_config(config, **kwargs)
 
 
 def loadable(name: str, checkpoint: str | Path) -> type:

@@ -21,8 +21,10 @@ from fsdp_load_checks.records import (
     Observation,
     Phase,
     PhaseMemory,
+    Reload,
     TensorKind,
     TensorRecord,
+    TrainStep,
 )
 from fsdp_load_checks.tensors import non_persistent_names
 
@@ -40,7 +42,7 @@ def digest(t: torch.Tensor) -> str:
     t = t.detach().contiguous().cpu()
     if t.dim() == 0:
         t = t.reshape(1)
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+    return hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()[:32]  # hashed in place, no copy
 
 
 def strided_sample(t: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,9 @@ def record(name: str, kind: TensorKind, tensor: torch.Tensor) -> TensorRecord:
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     full = full.detach().cpu()
     floating = full.is_floating_point() or full.is_complex()
+    # a NaN or Inf anywhere makes the sum non-finite, and a sum is ~30x cheaper than counting; only a non-finite
+    # sum (or one that overflowed) pays for the exact counts
+    finite = bool(torch.isfinite(full.sum())) if floating and full.numel() and full.element_size() > 1 else not floating
     small = full.numel() * full.element_size() <= VALUE_LIMIT_BYTES
     return TensorRecord(
         name=name,
@@ -67,8 +72,8 @@ def record(name: str, kind: TensorKind, tensor: torch.Tensor) -> TensorRecord:
         dtype=str(full.dtype).removeprefix("torch."),
         shape=tuple(full.shape),
         device=device,
-        nan=int(torch.isnan(full).sum()) if floating else 0,
-        inf=int(torch.isinf(full).sum()) if floating else 0,
+        nan=int(torch.isnan(full).sum()) if floating and not finite else 0,
+        inf=int(torch.isinf(full).sum()) if floating and not finite else 0,
         digest=digest(full),
         value=full.clone() if small else None,
         sample=None if small else strided_sample(full),
@@ -172,7 +177,33 @@ def read(path: str) -> Observation:
     raw["memory"] = MemoryProfile(**mem)
     if raw["failure"] is not None:
         raw["failure"] = Failure(**raw["failure"])
+    for key in ("state_dict", "round_trip", "saved"):
+        raw[key] = _records(raw.get(key, {}))
+    if raw.get("train") is not None:
+        train = raw["train"]
+        train.update(grads=_records(train["grads"]), params=_records(train["params"]))
+        raw["train"] = TrainStep(**train)
     return Observation(**raw)
+
+
+def _records(raw: dict) -> dict[str, TensorRecord]:
+    return {k: TensorRecord(**v) for k, v in raw.items()}
+
+
+def write_reload(reload: Reload, path: str) -> None:
+    """Atomic, like `write`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(dataclasses.asdict(reload), tmp)
+    os.replace(tmp, path)
+
+
+def read_reload(path: str) -> Reload:
+    raw = torch.load(path, weights_only=False)
+    return Reload(
+        saved=_records(raw["saved"]),
+        state_dict=_records(raw["state_dict"]),
+        failure=Failure(**raw["failure"]) if raw["failure"] is not None else None,
+    )
 
 
 def stack_versions() -> dict[str, str]:

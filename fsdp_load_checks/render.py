@@ -23,6 +23,7 @@ from fsdp_load_checks.records import (
     Phase,
     Problem,
     ProblemKind,
+    Quantity,
     Status,
     Verdict,
 )
@@ -146,8 +147,52 @@ _RANK_TEXT = {
 }
 
 
+def _tolerance(p: Problem) -> str:
+    return f" beyond rtol={p.rtol:g} atol={p.atol:g}" if p.rtol or p.atol else ""
+
+
+def _quantity_text(p: Problem) -> str:
+    """A state-dict or train-step problem: "rank R <quantity> ..." ."""
+    q = p.quantity
+    subject = f"{p.tensor_kind} {p.tensor}" if p.tensor_kind else p.tensor
+    if q == Quantity.MASTER:
+        if p.kind == ProblemKind.MISSING:
+            return f"rank {p.rank} optimizer does not hold {subject} ({p.against}'s does)"
+        return f"rank {p.rank} optimizer steps {subject} in {p.got}, {p.against} in {p.want}"
+    if p.kind == ProblemKind.LOSS:
+        return f"rank {p.rank} loss differs from {p.against}{_tolerance(p)}: {p.difference.got:.7g} vs {p.difference.want:.7g}"
+    if q == Quantity.LOSS and p.kind == ProblemKind.MISSING:
+        return f"rank {p.rank} recorded no training step"
+    if p.kind == ProblemKind.RELOAD_FAILED:
+        if p.failure is None:
+            return f"rank {p.rank} left no save_pretrained directory to load back"
+        return (f"the plain load of rank {p.rank}'s save_pretrained directory raised {p.failure.exc_type}: "
+                f"{p.failure.message}")
+    if q == Quantity.GRADIENT:
+        where, what = f"rank {p.rank}", f"gradient of {subject}"
+    elif q == Quantity.STEPPED:
+        where, what = f"rank {p.rank}", f"{subject} after the step"
+    else:
+        where, what = f"rank {p.rank} {q}:", subject
+    if p.kind == ProblemKind.MISSING:
+        return f"{where} has no {what} ({p.against} has it)"
+    if p.kind == ProblemKind.UNEXPECTED:
+        return f"{where} has {what}, which {p.against} does not have"
+    if p.kind == ProblemKind.TIED_COPY:
+        return f"{where} holds {what} as a second copy of tied {p.got} ({p.against} stores the tie once)"
+    if p.kind == ProblemKind.DTYPE:
+        return f"{where} {what} has dtype {p.got}, {p.against} has {p.want}"
+    if p.kind == ProblemKind.SHAPE:
+        return f"{where} {what} has shape {p.got}, {p.against} has {p.want}"
+    if p.kind == ProblemKind.ON_META:
+        return f"{where} {what} is on the meta device"
+    return f"{where} {what} differs from {p.against}{_tolerance(p)}: {difference_text(p.difference, p.numel)}"
+
+
 def problem_text(p: Problem) -> str:
     """One problem as a sentence, without the case prefix."""
+    if p.quantity is not None:
+        return _quantity_text(p)
     if p.kind == ProblemKind.REFERENCE_FAILED:
         why = failure_line(p.failure) if p.failure else "no reference observation"
         return f"the single-process reference load failed: {why}"
@@ -195,6 +240,8 @@ def details(verdict: Verdict, run: CaseRun, ref: Observation | None) -> str:
             out.append(f"--- rank {p.rank} traceback ---\n{p.failure.traceback}")
         elif p.kind == ProblemKind.LOST:
             out.append(f"--- rank {p.lost.rank} log tail ({run.launch_dir}) ---\n{p.lost.log_tail}")
+        elif p.kind == ProblemKind.RELOAD_FAILED and p.failure and p.failure.traceback:
+            out.append(f"--- plain reload of rank {p.rank}'s save_pretrained directory ---\n{p.failure.traceback}")
     if any(p.kind in BLOCKING for p in verdict.problems):  # a crash: nothing was compared, no note applies
         return "\n".join(out)
     if verdict.check == "buffers" and verdict.problems and ref is not None:

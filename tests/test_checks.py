@@ -21,7 +21,10 @@ from fsdp_load_checks.records import (
     Observation,
     Phase,
     ProblemKind,
+    Quantity,
+    Reload,
     TensorKind,
+    TrainStep,
 )
 
 PARAMETER, BUFFER, NON_PERSISTENT = TensorKind.PARAMETER, TensorKind.BUFFER, TensorKind.NON_PERSISTENT
@@ -38,13 +41,36 @@ def observation(rank: int, **overrides) -> Observation:
     obs = Observation(case="c", rank=rank, world_size=2)
     obs.tensors = {n: record(n, kinds[n], t) for n, t in tensors.items()}
     obs.logits = overrides.pop("logits", torch.ones(2, 3, 4))
+    # after loading: the state dict holds the parameter and the persistent buffer, never inv_freq
+    saved = {n: obs.tensors[n] for n in ("w", "bias")}
+    if rank <= 0:  # rank 0 gathers the full state dicts; the reference has the plain load's and its save
+        obs.state_dict = dict(saved)
+        obs.round_trip = dict(saved) if rank == 0 else {}
+        obs.saved = dict(saved) if rank == -1 else {}
+    obs.train = step()
+    if rank > 0:  # gradients and stepped parameters are gathered by every rank and recorded by rank 0
+        obs.train.grads, obs.train.params = {}, {}
     for key, value in overrides.items():
         setattr(obs, key, value)
     return obs
 
 
-def run_of(*observations: Observation, lost=()) -> CaseRun:
-    return CaseRun("c", world_size=2, observations={o.rank: o for o in observations}, lost=list(lost))
+def step(loss: float = 2.5, grad=None, param=None, master: str = "float32", device: str = "cpu") -> TrainStep:
+    grad = torch.tensor([[0.25, -0.5, 1e-7], [0.0, 2.0, -1.0]]) if grad is None else grad
+    param = torch.arange(6, dtype=torch.float32).view(2, 3) - 1e-3 if param is None else param
+    return TrainStep(loss=loss, loss_dtype="float32", grads={"w": record("w", PARAMETER, grad)},
+                     params={"w": record("w", PARAMETER, param)}, master={"w": master}, device=device)
+
+
+def reload_of(obs: Observation) -> Reload:
+    """What a plain reload of a correct save reads back: the reference's saved file and state dict."""
+    return Reload(saved=dict(obs.saved), state_dict=dict(obs.state_dict))
+
+
+def run_of(*observations: Observation, lost=(), reload: Reload | None = None, world_size: int = 2) -> CaseRun:
+    run = CaseRun("c", world_size=world_size, observations={o.rank: o for o in observations}, lost=list(lost))
+    run.reload = reload if reload is not None else reload_of(observation(-1))
+    return run
 
 
 def problems(check: str, run: CaseRun, ref: Observation) -> list[str]:
@@ -232,3 +258,139 @@ def test_memory_says_why_it_cannot_judge(kwargs, reason):
     run = run_of(with_memory(0, 0, **kwargs), with_memory(1, 10 * MODEL, **kwargs))
     verdict = verdicts(run, REF)["memory"]
     assert verdict.passed and reason in verdict.skipped
+
+
+# ---------------------------------------------------------------- after loading: state-dict and train-step
+
+
+def test_state_dict_flags_a_non_persistent_buffer_leaking_into_the_gathered_state_dict():
+    rank0 = observation(0)
+    rank0.state_dict["inv_freq"] = record("inv_freq", BUFFER, torch.tensor([1.0, 0.1]))
+    assert problems("state-dict", run_of(rank0, observation(1)), REF) == [
+        "c: rank 0 full state dict (accelerator.get_state_dict): has persistent buffer inv_freq, which the "
+        "single-process load does not have"
+    ]
+    (p,) = found("state-dict", run_of(rank0, observation(1)), REF)
+    assert (p.kind, p.rank, p.quantity, p.tensor) == (ProblemKind.UNEXPECTED, 0, Quantity.GATHERED, "inv_freq")
+
+
+def test_state_dict_flags_the_fp32_master_copy_where_the_checkpoint_was_bf16():
+    ref = observation(-1)
+    ref.state_dict["w"] = record("w", PARAMETER, ref.tensors["w"].value.bfloat16())
+    found_ = found("state-dict", run_of(observation(0), observation(1), reload=reload_of(ref)), ref)
+    assert [(p.kind, p.quantity, p.tensor, p.got, p.want) for p in found_] == [
+        (ProblemKind.DTYPE, Quantity.GATHERED, "w", "float32", "bfloat16"),
+        (ProblemKind.DTYPE, Quantity.ROUND_TRIP, "w", "float32", "bfloat16"),
+    ]
+
+
+def test_state_dict_flags_a_key_lost_in_the_sharded_round_trip_and_a_value_changed_by_it():
+    rank0 = observation(0)
+    del rank0.round_trip["bias"]
+    rank0.round_trip["w"] = record("w", PARAMETER, torch.zeros(2, 3))
+    lines = problems("state-dict", run_of(rank0, observation(1)), REF)
+    assert lines == [
+        "c: rank 0 full state dict after a sharded save and load (DCP): has no persistent buffer bias (the "
+        "single-process load has it)",
+        "c: rank 0 full state dict after a sharded save and load (DCP): parameter w differs from the single-process "
+        "load: 5/6 elements differ, max |diff| at [5]: 0 vs 5",
+    ]
+
+
+def test_state_dict_tells_a_tie_saved_twice_from_an_unexpected_key():
+    ref = observation(-1, ties=[("w", "head.w")])
+    ref.state_dict["head.w"] = ref.state_dict["w"]  # the state dict has both names; the plain save stores it once
+    copy = reload_of(ref)
+    copy.saved["head.w"] = copy.saved["w"]
+    run = run_of(observation(0, state_dict=dict(ref.state_dict), round_trip=dict(ref.state_dict)), observation(1),
+                 reload=copy)
+    (p,) = found("state-dict", run, ref)
+    assert (p.kind, p.quantity, p.tensor, p.got) == (ProblemKind.TIED_COPY, Quantity.SAVED, "head.w", "w")
+    assert render.problem_line(p) == (
+        "c: rank 0 save_pretrained file: holds parameter head.w as a second copy of tied w (the single-process "
+        "save_pretrained stores the tie once)"
+    )
+
+
+def test_state_dict_flags_a_save_that_does_not_load_back():
+    failure = Failure(-1, Phase.RELOAD, "OSError", "no file named model.safetensors", "tb")
+    assert problems("state-dict", run_of(observation(0), observation(1), reload=Reload(failure=failure)), REF) == [
+        "c: the plain load of rank 0's save_pretrained directory raised OSError: no file named model.safetensors"
+    ]
+    wrong = reload_of(REF)
+    wrong.state_dict["bias"] = record("bias", BUFFER, torch.tensor([0.5, 0.0]))
+    (p,) = found("state-dict", run_of(observation(0), observation(1), reload=wrong), REF)
+    assert (p.kind, p.quantity, p.tensor) == (ProblemKind.VALUES, Quantity.RELOADED, "bias")
+
+
+def test_train_step_is_exact_on_cpu_with_two_ranks():
+    ulp = torch.tensor([[0.25, -0.5, 1e-7], [0.0, 2.0, -1.0]])
+    ulp[0, 0] = torch.nextafter(ulp[0, 0], torch.tensor(1.0))
+    bad = run_of(observation(0, train=step(grad=ulp)), observation(1))
+    (p,) = found("train-step", bad, REF)
+    assert (p.kind, p.rank, p.quantity, p.tensor, p.rtol, p.atol) == (ProblemKind.VALUES, 0, Quantity.GRADIENT, "w", 0, 0)
+    assert problems("train-step", bad, REF)[0].startswith(
+        "c: rank 0 gradient of parameter w differs from the single-process step: 1/6 elements differ"
+    )
+    # four ranks: FSDP2's sum of four equal gradients can round, so torch.testing's fp32 tolerance applies
+    four = run_of(observation(0, train=step(grad=ulp)), observation(1), world_size=4)
+    assert problems("train-step", four, REF) == []
+
+
+def test_train_step_allows_fp16_gradients_one_subnormal_step_from_fsdp2s_pre_division():
+    want = torch.tensor([8.4579e-05, 1.0], dtype=torch.float16)  # 8.5e-5 / 2 falls below fp16's normal range
+    one, two = want.clone(), want.clone()
+    one[0] = torch.nextafter(want[0], torch.tensor(1.0, dtype=torch.float16))
+    two[0] = torch.nextafter(one[0], torch.tensor(1.0, dtype=torch.float16))
+    ref = observation(-1, train=step(grad=want))
+    assert problems("train-step", run_of(observation(0, train=step(grad=one)), observation(1)), ref) == []
+    (line,) = problems("train-step", run_of(observation(0, train=step(grad=two)), observation(1)), ref)
+    assert "beyond rtol=0 atol=5.96046e-08" in line
+
+
+def test_train_step_flags_the_loss_half_a_tie_and_a_master_weight_in_bf16():
+    off = step(loss=2.75)
+    off.grads, off.params = {}, {}
+    lines = problems("train-step", run_of(observation(0), observation(1, train=off)), REF)
+    assert lines == ["c: rank 1 loss differs from the single-process step: 2.75 vs 2.5"]
+    half = torch.tensor([[0.125, -0.25, 5e-8], [0.0, 1.0, -0.5]])  # a tied parameter that got one of its two terms
+    (p,) = found("train-step", run_of(observation(0, train=step(grad=half)), observation(1)), REF)
+    assert (p.kind, p.quantity, p.difference.mismatched) == (ProblemKind.VALUES, Quantity.GRADIENT, 5)
+    bf16 = step(master="bfloat16")
+    bf16.grads, bf16.params = {}, {}
+    assert problems("train-step", run_of(observation(0), observation(1, train=bf16)), REF) == [
+        "c: rank 1 optimizer steps parameter w in bfloat16, the single-process step in float32"
+    ]
+    lost = step()
+    lost.master = {}
+    assert problems("train-step", run_of(observation(0, train=lost), observation(1)), REF) == [
+        "c: rank 0 optimizer does not hold parameter w (the single-process step's does)"
+    ]
+
+
+def test_train_step_on_cuda_allows_rounding_and_a_flipped_near_zero_gradient_step():
+    moved = torch.arange(6, dtype=torch.float32).view(2, 3) - 1e-3
+    moved[0, 2] += 2e-3  # Adam's first step went the other way for one element
+    cuda = step(grad=torch.tensor([[0.25, -0.5, -1e-7], [0.0, 2.0, -1.0]]), param=moved, device="cuda")  # sign flipped
+    assert problems("train-step", run_of(observation(0, train=cuda), observation(1)), REF) == []
+    far = step(param=moved + 0.01, device="cuda")
+    assert len(problems("train-step", run_of(observation(0, train=far), observation(1)), REF)) == 1
+
+
+@pytest.mark.parametrize(
+    "phase, blocked",
+    [
+        (Phase.STATE_DICT, {"state-dict", "train-step"}),
+        (Phase.TRAIN_STEP, {"state-dict", "train-step"}),  # save_pretrained comes after the step: never reached
+        (Phase.SAVE_PRETRAINED, {"state-dict"}),
+    ],
+)
+def test_a_rank_failing_after_loading_blocks_only_the_checks_it_left_without_data(phase, blocked):
+    failure = Failure(1, phase, "RuntimeError", "boom", "tb")
+    bad = run_of(observation(0), observation(1, failure=failure))
+    assert {check for check in CHECKS if problems(check, bad, REF)} == blocked
+
+
+def test_a_reference_that_failed_its_training_step_blocks_only_the_train_step_check():
+    ref = observation(-1, failure=Failure(-1, Phase.TRAIN_STEP, "RuntimeError", "boom", "tb"))
+    assert {check for check in CHECKS if problems(check, GOOD, ref)} == {"train-step"}

@@ -68,6 +68,42 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
             r"^bf16-checkpoint@bf16: rank 1 parameter model\.layers\.0\.attn\.qkv\.weight has dtype bfloat16, "
             r"the single-process load has float32$",
         ],
+        # the same bf16 master weights seen by training: the optimizer steps bf16, so gradients and steps are bf16
+        "train-step": [
+            r"^bf16-checkpoint@bf16: rank 0 optimizer steps parameter model\.embed_tokens\.weight in bfloat16, "
+            r"the single-process step in float32$",
+            r"^bf16-checkpoint@bf16: rank 1 optimizer steps parameter model\.norm\.weight in bfloat16, "
+            r"the single-process step in float32$",
+            r"^bf16-checkpoint@bf16: rank 0 gradient of parameter model\.layers\.0\.attn\.qkv\.weight has dtype "
+            r"bfloat16, the single-process step has float32$",
+            r"^bf16-checkpoint@bf16: rank 0 parameter model\.norm\.weight after the step has dtype bfloat16, "
+            r"the single-process step has float32$",
+        ],
+    },
+    "non-persistent-buffers-saved": {
+        "state-dict": [
+            r"^llama-rope: rank 0 full state dict \(accelerator\.get_state_dict\): has persistent buffer "
+            r"model\.rotary_emb\.inv_freq, which the single-process load does not have$",
+            r"^llama-rope: rank 0 full state dict after a sharded save and load \(DCP\): has persistent buffer "
+            r"model\.rotary_emb\.original_inv_freq, which the single-process load does not have$",
+            r"^llama-rope: rank 0 save_pretrained file: has persistent buffer model\.rotary_emb\.inv_freq, which "
+            r"the single-process save_pretrained does not have$",
+        ],
+    },
+    "tie-lost-on-meta": {
+        # the identity check sees the tie gone; training shows what it costs; the save writes the head twice
+        "parameters": [r"^tied-embeddings: rank 1 parameters lm_head\.weight, model\.embed_tokens\.weight are no longer tied$"],
+        "train-step": [
+            r"^tied-embeddings: rank 0 gradient of parameter model\.embed_tokens\.weight differs from the "
+            r"single-process step: \d+/2048 elements differ",
+            r"^tied-embeddings: rank 0 optimizer does not hold parameter lm_head\.weight \(the single-process step's does\)$",
+            r"^tied-embeddings: rank 0 parameter model\.embed_tokens\.weight after the step differs from the "
+            r"single-process step",
+        ],
+        "state-dict": [
+            r"^tied-embeddings: rank 0 save_pretrained file: holds parameter lm_head\.weight as a second copy of "
+            r"tied model\.embed_tokens\.weight \(the single-process save_pretrained stores the tie once\)$"
+        ],
     },
     "non-persistent-cast-to-model-dtype": {
         "buffers": [

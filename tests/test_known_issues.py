@@ -13,12 +13,13 @@ from fsdp_load_checks.records import (
     Phase,
     Problem,
     ProblemKind,
+    Quantity,
     Status,
     Symptom,
     TensorKind,
     Verdict,
 )
-from fsdp_load_checks.records.case import BIG, FORGOTTEN_BUFFER, PERSISTENT_BUFFER
+from fsdp_load_checks.records.case import BIG, FORGOTTEN_BUFFER, MIXED_PRECISION, PERSISTENT_BUFFER, TIED
 
 NEWEST = {"transformers": "5.24.0", "accelerate": "1.15.0"}
 MiB = 1 << 20
@@ -129,3 +130,26 @@ def test_a_dtype_symptom_matches_the_exact_dtypes():
     assert status(dtype("bfloat16"), dtype("float16", want="bfloat16", against=Against.RANK0)) == Status.FAILED
     assert status(dtype("float64")) == Status.FAILED
     assert known_issues.classify(bf16, Verdict("c", "parameters", [dtype("bfloat16")]), NEWEST).status == Status.FAILED
+
+
+def test_a_bf16_checkpoint_saved_in_fp32_is_expected_only_under_mixed_precision_and_only_as_fp32():
+    dtype = partial(Problem, "state-dict", "c", ProblemKind.DTYPE, rank=0, tensor="w", tensor_kind=TensorKind.PARAMETER)
+    bf16 = Case("c", "test", dict, dtype="bfloat16")
+    fp32_saved = dtype(quantity=Quantity.SAVED, got="float32", want="bfloat16")
+    outcome = classify(bf16.with_tags(MIXED_PRECISION), fp32_saved, check="state-dict")
+    assert outcome.status == Status.XFAILED and outcome.issues[0].key == "mixed-precision-state-dict-in-fp32"
+    assert classify(bf16, fp32_saved, check="state-dict").status == Status.FAILED  # no mixed precision: a new bug
+    other = dtype(quantity=Quantity.SAVED, got="float16", want="bfloat16")
+    assert classify(bf16.with_tags(MIXED_PRECISION), other, check="state-dict").status == Status.FAILED
+    reloaded = dtype(quantity=Quantity.RELOADED, got="float32", want="bfloat16")  # the plain reload casts: not this bug
+    assert classify(bf16.with_tags(MIXED_PRECISION), reloaded, check="state-dict").status == Status.FAILED
+
+
+def test_a_tie_saved_twice_is_expected_only_for_the_names_the_plain_load_ties():
+    copy = partial(Problem, "state-dict", "c", ProblemKind.TIED_COPY, rank=0, quantity=Quantity.SAVED,
+                   tensor_kind=TensorKind.PARAMETER, got="model.embed.weight")
+    tied = case(tensors={TIED: ("model.embed.weight", "lm_head.weight")})
+    assert classify(tied, copy(tensor="lm_head.weight"), check="state-dict").status == Status.XFAILED
+    assert classify(tied, copy(tensor="model.other.weight"), check="state-dict").status == Status.FAILED
+    assert classify(case(), copy(tensor="lm_head.weight"), check="state-dict").status == Status.FAILED
+    assert classify(tied, check="state-dict").status == Status.FAILED  # stale: the tie was saved once

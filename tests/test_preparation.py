@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsdp_load_checks import accelerate_config, catalogue, checks
+from fsdp_load_checks import accelerate_config, catalogue, checks, known_issues
 from fsdp_load_checks.parent import runner
-from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind
+from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Status
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
 
 # the first and the second case of one launch, under each config (a second case once went through DDP instead)
@@ -47,7 +47,9 @@ def test_every_rank_went_through_accelerator_prepare(prepared, case):
             "mixed_precision": mixed,
             "device": "cpu",
         }, (case, rank)
-    assert all(v.passed or v.skipped for v in result.verdicts.values()), case
+    # the stock stack: a bf16 checkpoint under bf16 saves its fp32 master weights (a registered upstream issue)
+    outcomes = known_issues.outcomes(result, catalogue.all_cases()[case], "stock")
+    assert all(o.status != Status.FAILED for o in outcomes.values()), case
 
 
 def test_under_bf16_the_prepared_parameters_are_fp32_master_weights(prepared):
@@ -172,3 +174,42 @@ def test_the_trainers_wiring_is_reported_as_its_known_issue(tmp_path):
         assert {o.issues[0].key for o in outcomes.values()} == {"training-arguments-no-accelerate-use-fsdp"}
         # the same failure under a loader the issue is not registered for is a plain failure
         assert {o.status for o in known_issues.outcomes(result, case, "stock").values()} == {"failed"}
+
+
+def test_after_loading_every_rank_saved_stepped_and_rank_0_left_a_checkpoint_that_loads_back(prepared):
+    """The after-loading phases ran on every rank of every case: rank 0 gathered both full state dicts and wrote
+    a save_pretrained directory the parent had loaded back plain; every rank stepped, bit-equal on CPU."""
+    for case in CASES:
+        result = prepared[case]
+        rank0 = result.run.observations[0]
+        assert rank0.state_dict and rank0.round_trip and rank0.saved_dir, case
+        assert result.run.reload is not None and result.run.reload.failure is None, case
+        assert set(result.run.reload.state_dict) == set(result.reference.state_dict), case
+        assert not Path(rank0.saved_dir).exists(), "the reload deletes the directory once read"
+        assert result.run.observations[1].state_dict == {}, "only rank 0 keeps the gathered state dict"
+        for obs in result.run.observations.values():
+            assert obs.train is not None and obs.train.loss == result.reference.train.loss, case
+        assert rank0.train.grads and {r.digest for r in rank0.train.grads.values()} <= {
+            r.digest for r in result.reference.train.grads.values()}, case
+
+
+def test_under_bf16_the_reference_steps_fp32_master_weights_with_bf16_gradients(prepared):
+    step = prepared["bf16-checkpoint@bf16"].reference.train
+    assert set(step.master.values()) == {"float32"}
+    assert {r.dtype for r in step.grads.values()} == {"float32"}
+    # computed in bf16 and cast back: every gradient is a bf16 value
+    assert all(torch.equal(r.value, r.value.bfloat16().float()) for r in step.grads.values() if r.value is not None)
+    plain = prepared["bf16-checkpoint"].reference.train
+    assert set(plain.master.values()) == {"bfloat16"}  # no mixed precision: the model's own dtype
+
+
+def test_the_fixed_loader_saves_one_tensor_per_parameter_in_its_loaded_dtype():
+    from fsdp_load_checks.loaders.fixed import as_loaded
+
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(4, 2)
+    model.head = torch.nn.Linear(2, 4, bias=False)
+    model.head.weight = model.embed.weight  # tied
+    gathered = {"embed.weight": model.embed.weight.detach().clone(), "head.weight": model.embed.weight.detach().clone()}
+    saved = as_loaded(model, gathered, {"embed.weight": torch.bfloat16, "head.weight": torch.bfloat16})
+    assert saved["embed.weight"] is saved["head.weight"] and saved["head.weight"].dtype == torch.bfloat16

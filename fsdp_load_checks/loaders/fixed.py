@@ -2,10 +2,12 @@
 
 For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
-transformers, and changes four things (T2, T3, A1, A2), each separately
+transformers, and changes five things (T2, T3, A1, A2, A4), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
 as "the fixed loader, except this piece", showing only its own symptom
-(A3 applies under a mixed-precision accelerate config only):
+(A3 applies under a mixed-precision accelerate config only). The patches
+stay installed after preparation too (rank/case.py), since A4 acts when the
+prepared model is saved:
 
   T1  ranks 1..N: parameters and persistent buffers stay as loaded (memory-mapped,
       no page touched); only non-persistent buffers get placeholders, which
@@ -25,6 +27,10 @@ as "the fixed loader, except this piece", showing only its own symptom
   A3  accelerate `fsdp2_prepare_model` under mixed precision (1.14+): ranks 1..N get
       uncommitted fp32 placeholders for the parameters it upcasts, instead of an fp32
       copy of weights the broadcast replaces (`upcast_placeholders`).
+  A4  accelerate `Accelerator.get_state_dict` under FSDP2: one tensor per parameter (tied
+      names share it, as `nn.Module.state_dict()` does, so `save_pretrained` stores the tie
+      once) in the dtype the model was loaded in (not the fp32 master copy mixed precision
+      upcast it to), so a saved checkpoint is what a plain load would save (`as_loaded`).
 
 Until this module was split out it was the `reference` loader; `reference`
 stays an alias of `fixed` for one release (loaders/__init__.py).
@@ -37,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -71,6 +78,13 @@ class Variant:
     # under mixed precision, accelerate 1.14+ upcasts trainable parameters to fp32 master weights; False
     # re-creates accelerate <= 1.13, where the upcast was a no-op and master weights stayed half precision
     fp32_master_weights: bool = True
+    state_dict_as_loaded: bool = True  # A4
+    # accelerate's fsdp2_prepare_model re-ties embedding and output head (tie_weights) after moving the model
+    # to meta and after loading; False: neither call ties, so FSDP2 shards the tie as two parameters
+    retie: bool = True
+    # accelerate re-registers each rank's non-persistent buffers with persistent=False; False: with
+    # register_buffer's default (persistent), so they enter every state dict
+    non_persistent_stay_non_persistent: bool = True
 
 
 FIXED = Variant()
@@ -100,6 +114,8 @@ def patched(variant: Variant) -> Iterator[None]:
         _swap(fsdp_utils, "fsdp2_prepare_model", prepare),
         _swap(accelerate.utils, "fsdp2_prepare_model", prepare),
         _swap(accelerate.accelerator, "fsdp2_prepare_model", prepare),
+        _swap(accelerate.accelerator.Accelerator, "get_state_dict",
+              _get_state_dict(variant, accelerate.accelerator.Accelerator.get_state_dict)),
     ]
     try:
         yield
@@ -253,12 +269,14 @@ def _prepare_model(variant: Variant, installed):
         if isinstance(model, FSDPModule) or not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
             return installed(accelerator, model)
         groups = non_persistent_groups(model)  # before accelerate's model.to("meta") splits shared ones
+        dtypes = loaded_dtypes(model)  # A4: before the mixed-precision upcast
         mixed = accelerator.mixed_precision != "no"
-        if mixed and not variant.fp32_master_weights:
-            with _mixed_precision_hidden(accelerator):  # accelerate <= 1.13: no upcast, the policy alone
-                model = installed(accelerator, model)
-        else:
-            if mixed and variant.receiving_upcast == "placeholder" and _non_loading_rank():
+        with contextlib.ExitStack() as stack:
+            if not variant.retie:
+                stack.enter_context(_ties_skipped(model))
+            if mixed and not variant.fp32_master_weights:
+                stack.enter_context(_mixed_precision_hidden(accelerator))  # accelerate <= 1.13: no upcast, the policy alone
+            elif mixed and variant.receiving_upcast == "placeholder" and _non_loading_rank():
                 upcast_placeholders(model)  # A3
             model = installed(accelerator, model)
         shared = [g if variant.share_buffers else g[:1] for g in groups]
@@ -269,9 +287,26 @@ def _prepare_model(variant: Variant, installed):
                 value = model.get_buffer(group[0])
                 for name in group[1:]:
                     set_tensor(model, name, value)
+        if not variant.non_persistent_stay_non_persistent:
+            for group in shared:  # register_buffer's default: persistent
+                for name in group:
+                    owner, _, attr = name.rpartition(".")
+                    module = model.get_submodule(owner)
+                    module.register_buffer(attr, module._buffers[attr])
+        LOADED_DTYPES[model] = dtypes
         return model
 
     return fsdp2_prepare_model
+
+
+@contextlib.contextmanager
+def _ties_skipped(model) -> Iterator[None]:
+    """`model.tie_weights()` does nothing for the duration (a regression: the tie lost on meta stays lost)."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
 
 
 def upcast_placeholders(model) -> None:
@@ -323,3 +358,53 @@ def broadcast_non_persistent(accelerator, model, groups: list[list[str]]) -> Non
             dist.broadcast(raw, src=0)
         for name in group:
             set_tensor(model, name, value)
+
+
+# --- accelerate: Accelerator.get_state_dict (A4) ---
+
+# prepared model -> parameter name -> the dtype it had before fsdp2_prepare_model (the one it was loaded in)
+LOADED_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def loaded_dtypes(model) -> dict:
+    """Parameter name -> dtype, every name a parameter is registered under."""
+    return {name: p.dtype for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _get_state_dict(variant: Variant, installed):
+    def get_state_dict(self, model, unwrap=True):
+        """The installed gather (torch `get_model_state_dict`, full, rank 0 only), then A4 (`as_loaded`)."""
+        state_dict = installed(self, model, unwrap)
+        if not (variant.state_dict_as_loaded and self.is_fsdp2 and state_dict):
+            return state_dict
+        return as_loaded(model, state_dict, LOADED_DTYPES.get(model, {}))
+
+    return get_state_dict
+
+
+def as_loaded(model, state_dict: dict, dtypes: dict) -> dict:
+    """A4: one tensor per parameter, under every name it has, in the dtype it was loaded in.
+
+    torch's full-state-dict gather returns a separate tensor per key, so tied
+    names (one parameter) come back as two tensors with equal values, and
+    transformers' `save_pretrained` (which finds ties by shared storage)
+    writes the tie twice; under mixed precision they come back as the fp32
+    master weights accelerate 1.14+ upcast a 16-bit model to, and the saved
+    checkpoint doubles. Both are undone here: the first name's tensor serves
+    every name, cast back to the loaded dtype (exact until training moves it,
+    and then the same rounding a plain 16-bit save applies).
+    """
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in state_dict]
+        if not present:
+            continue
+        value = state_dict[present[0]]
+        want = dtypes.get(present[0])
+        if want is not None and value.is_floating_point() and value.dtype != want:
+            value = value.to(want)
+        for name in present:
+            state_dict[name] = value
+    return state_dict

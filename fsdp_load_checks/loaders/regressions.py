@@ -172,8 +172,31 @@ REGRESSIONS = [
         "accelerate <= 1.13 under mixed precision: the upcast of trainable parameters is a no-op, so the "
         "optimizer's master weights stay bf16 (accelerate issue 3979)",
         dict(fp32_master_weights=False),
-        "bf16-checkpoint@bf16: every rank's parameters are bfloat16 where fp32 master weights belong (parameters)",
+        "bf16-checkpoint@bf16: every rank's parameters are bfloat16 where fp32 master weights belong (parameters), "
+        "and the optimizer steps them in bfloat16: gradients, parameters after the step (train-step)",
         cases=("bf16-checkpoint@bf16",),
+        every_rank=True,
+    ),
+    Regression(
+        "non-persistent-buffers-saved",
+        "accelerate's re-registration of each rank's non-persistent buffers after fsdp2_prepare_model without its "
+        "persistent=False (register_buffer's default): RoPE inv_freq enters every state dict and checkpoint, as "
+        "torch's get_model_state_dict did until 2.3.1 (pytorch issue 122792)",
+        dict(non_persistent_stay_non_persistent=False),
+        "llama-rope: inv_freq/original_inv_freq in the gathered and round-tripped state dicts and in the "
+        "save_pretrained file (state-dict); every value stays right",
+        cases=("llama-rope",),
+        every_rank=True,
+    ),
+    Regression(
+        "tie-lost-on-meta",
+        "fsdp2_prepare_model without its two tie_weights() calls: model.to('meta') and the assign-load each give the "
+        "output head its own parameter (accelerate's own comments; verl issue 7834 shipped it in its FSDP2 loader), "
+        "so FSDP2 shards embedding and head as two parameters",
+        dict(retie=False),
+        "tied-embeddings: the embedding gets only its input-side gradient and the head is not in the optimizer "
+        "(train-step); the tie is gone (parameters) and save_pretrained writes it twice (state-dict)",
+        cases=("tied-embeddings",),
         every_rank=True,
     ),
     Regression(

@@ -24,6 +24,7 @@ from fsdp_load_checks.checks import verdicts
 from fsdp_load_checks.parent import stop
 from fsdp_load_checks.parent.diagnosis import lost_ranks
 from fsdp_load_checks.parent.launch import PORT_RETRIES, child_env, launch_once
+from fsdp_load_checks.parent.reload import reload_saved
 from fsdp_load_checks.parent.watchdog import read_progress
 from fsdp_load_checks.records import Case, CaseResult, CaseRun, LaunchConfig, LostRank, NotRun, Phase, RankTask
 from fsdp_load_checks.records.protocol import reference_path, result_path
@@ -157,6 +158,7 @@ def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Cal
         with gpus:
             for launch_cfg, tasks in groups.values():
                 run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
+        reload_saved(runs, cfg.startup_timeout_s + cfg.case_timeout_s * len(cases))  # the state-dict check's plain reload
     except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts
         stopped.results = judge(root, [c for c in cases if c.name in runs], runs)
         raise

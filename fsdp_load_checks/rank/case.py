@@ -1,4 +1,7 @@
-"""One case on one rank: loader under test -> `from_pretrained` -> FSDP2 prepare -> observe -> forward.
+"""One case on one rank: loader under test -> `from_pretrained` -> FSDP2 prepare -> observe -> forward -> after.
+
+"After" is what a user does next with the prepared model (rank/after.py): the full state dict, a sharded
+save/load round trip, one training step, save_pretrained.
 
 After each case the ranks compare notes through the rendezvous store: if
 one failed and the others did not (or cannot answer), continuing could
@@ -50,6 +53,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     from fsdp_load_checks.checkpoints import model_bytes
     from fsdp_load_checks.model_class import loadable
     from fsdp_load_checks.poison import poisoned
+    from fsdp_load_checks.rank.after import After
     from fsdp_load_checks.rank.memory import Sampler
     from fsdp_load_checks.rank.prepare import prepare, prepared_sizes
     from fsdp_load_checks.records import MemoryProfile
@@ -61,7 +65,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     obs.preparation = {"config": spec.accelerate_config}
     obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=spec.poison)
     phase = Phase.IMPORT
-    model = optimizer = None
+    model = optimizer = after = None
     try:
         with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
             import_all(tuple(task.imports))
@@ -98,10 +102,17 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
             progress(phase)
             memory.phase(phase)
             obs.logits = observe.forward_logits(model, device)
+            if loader.load is None:  # saving and training as accelerate does them: after Accelerator.prepare only
+                after = After(task, spec, accelerator, device, model, optimizer, obs, progress.tick)
+                with loader.patch():  # a loader's fixes reach the saves and the fresh preparation
+                    for phase, step in after.phases():
+                        progress(phase)
+                        memory.phase(phase)
+                        step()
     except Exception as exc:  # recorded with the rank and phase; the parent decides
         obs.failure = observe.failure_from(exc, rank, phase)
     finally:
-        del model, optimizer
+        del model, optimizer, after
         accelerator.free_memory()  # drops the references Accelerator.prepare keeps
         gc.collect()
     return obs

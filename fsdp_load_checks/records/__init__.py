@@ -6,10 +6,10 @@ only as field values, annotated lazily. Every other module, the toy models
 included, may import from here; this layer imports nothing back.
 
   case.py         Case: the recipe for a checkpoint, and the tags known issues select by
-  observation.py  what a process saw: TensorRecord, Failure, memory per phase, Observation
+  observation.py  what a process saw: TensorRecord, Failure, memory per phase, TrainStep, Reload, Observation
   outcome.py      what the parent concluded: LostRank, NotRun, CaseRun, Problem, Verdict, Outcome, CaseResult
   protocol.py     the parent/rank protocol: LaunchConfig, RankTask, LaunchSpec, run-directory paths, exit codes
-  enums.py        Phase, TensorKind, ProblemKind, LostHow, Status, Against
+  enums.py        Phase, TensorKind, ProblemKind, LostHow, Status, Against, Quantity
 """
 
 from fsdp_load_checks.records.case import BIG, PERSISTENT_BUFFER, Case
@@ -18,6 +18,7 @@ from fsdp_load_checks.records.enums import (
     LostHow,
     Phase,
     ProblemKind,
+    Quantity,
     Status,
     TensorKind,
 )
@@ -26,7 +27,9 @@ from fsdp_load_checks.records.observation import (
     MemoryProfile,
     Observation,
     PhaseMemory,
+    Reload,
     TensorRecord,
+    TrainStep,
 )
 from fsdp_load_checks.records.outcome import (
     CaseResult,
@@ -66,10 +69,13 @@ __all__ = [
     "PhaseMemory",
     "Problem",
     "ProblemKind",
+    "Quantity",
     "RankTask",
+    "Reload",
     "Status",
     "Symptom",
     "TensorKind",
     "TensorRecord",
+    "TrainStep",
     "Verdict",
 ]

@@ -17,7 +17,7 @@ SHARED_NON_PERSISTENT = "shared-non-persistent-buffer"  # one non-persistent ten
 ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persistent buffer on the top-level model
 USER = "user"  # a user's checkpoint directory
 MIXED_PRECISION = "mixed-precision"  # the case runs under a mixed-precision accelerate config (Case.under)
-TIED_WEIGHTS = "tied-weights"  # the plain load ties parameters (known_issues.outcomes, from the reference's ties)
+TIED = "tied-parameters"  # the plain load ties parameters (one tensor under several names); tensors: those names
 
 
 @dataclass(frozen=True)

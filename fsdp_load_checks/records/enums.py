@@ -26,9 +26,15 @@ class Phase(_Word):
     FSDP2_PREPARE = "fsdp2_prepare"
     OBSERVE = "observe"
     FORWARD = "forward"
+    # after loading (rank/after.py): what a user does next with the prepared model
+    STATE_DICT = "state_dict"  # accelerator.get_state_dict, the full state dict a save writes
+    SHARDED_ROUND_TRIP = "sharded_round_trip"  # DCP save, a freshly prepared model, DCP load, gather again
+    TRAIN_STEP = "train_step"  # one forward, backward and AdamW step
+    SAVE_PRETRAINED = "save_pretrained"  # rank 0 writes save_pretrained(state_dict=...); no collective after it
     DONE = "done"
     EXIT = "exit"
     INIT_BUFFERS = "__init__ buffers"  # the reference process only: the model's own __init__ values
+    RELOAD = "reload"  # the plain reload of rank 0's save_pretrained directory (reference/reload.py)
 
     @classmethod
     def of(cls, word: str) -> Phase:
@@ -41,7 +47,10 @@ class Phase(_Word):
         return _RANK_ORDER.index(phase) if phase in _RANK_ORDER else 0
 
 
-_RANK_ORDER = ("startup", "import", "from_pretrained", "fsdp2_prepare", "observe", "forward", "done", "exit")
+_RANK_ORDER = (
+    "startup", "import", "from_pretrained", "fsdp2_prepare", "observe", "forward",
+    "state_dict", "sharded_round_trip", "train_step", "save_pretrained", "done", "exit",
+)
 
 
 class TensorKind(_Word):
@@ -55,6 +64,21 @@ class Against(_Word):
 
     RANK0 = "rank 0's"
     PLAIN_LOAD = "the single-process load"
+    PLAIN_SAVE = "the single-process save_pretrained"
+    PLAIN_STEP = "the single-process step"
+
+
+class Quantity(_Word):
+    """What the state-dict and train-step checks compared: a problem's subject beyond a loaded tensor."""
+
+    GATHERED = "full state dict (accelerator.get_state_dict)"
+    ROUND_TRIP = "full state dict after a sharded save and load (DCP)"
+    SAVED = "save_pretrained file"
+    RELOADED = "plain load of its save_pretrained directory"
+    LOSS = "loss"
+    GRADIENT = "gradient"
+    STEPPED = "parameter after the step"
+    MASTER = "optimizer's copy"  # the tensor the optimizer steps: fp32 master weights under mixed precision
 
 
 class ProblemKind(_Word):
@@ -77,6 +101,9 @@ class ProblemKind(_Word):
     LOGITS = "logits"  # logits beyond the dtype's tolerance (Problem.difference)
     NO_MEMORY = "no-memory"  # a rank recorded no memory for the phase the check bounds
     MEMORY = "memory"  # a rank committed more than its bound (Problem.memory)
+    TIED_COPY = "tied-copy"  # a saved file holds a tied parameter under a second key (one copy per name)
+    RELOAD_FAILED = "reload-failed"  # the plain load of a rank's save_pretrained directory raised (Problem.failure)
+    LOSS = "loss"  # the training loss differs beyond tolerance (Problem.difference)
 
 
 class LostHow(_Word):

@@ -84,6 +84,33 @@ class MemoryProfile:
 
 
 @dataclass
+class TrainStep:
+    """One forward, backward and AdamW step on a fixed batch, as a process saw it (training.py).
+
+    Records are keyed by every name a parameter is registered under (tied
+    names each get one), gathered whole on ranks and kept by rank 0 only (the
+    gathered bytes are the same on every rank); above
+    observe.VALUE_LIMIT_BYTES only digests and samples are kept.
+    """
+
+    loss: float = float("nan")  # the loss the backward started from, as a Python float (exact for fp32/bf16/fp16)
+    loss_dtype: str = ""
+    grads: dict[str, TensorRecord] = field(default_factory=dict)  # the full gradient; absent: no gradient (rank 0)
+    params: dict[str, TensorRecord] = field(default_factory=dict)  # every parameter after optimizer.step() (rank 0)
+    master: dict[str, str] = field(default_factory=dict)  # name -> dtype of the tensor the optimizer steps
+    device: str = "cpu"  # where it ran: the train-step tolerance depends on it (checks.train_step_tolerance)
+
+
+@dataclass
+class Reload:
+    """What a plain single-process `from_pretrained` found in a rank's save_pretrained directory (parent/reload.py)."""
+
+    saved: dict[str, TensorRecord] = field(default_factory=dict)  # the safetensors files' tensors, as stored
+    state_dict: dict[str, TensorRecord] = field(default_factory=dict)  # the loaded model's state_dict()
+    failure: Failure | None = None
+
+
+@dataclass
 class Observation:
     """Everything one process recorded for one case; rank -1 is the single-process reference."""
 
@@ -108,6 +135,14 @@ class Observation:
     # ranks only: how the model was prepared, read back from accelerate's bookkeeping (rank/prepare.py):
     # call, registered_model, optimizer, is_fsdp2, fsdp_module, mixed_precision, device; and the config's name
     preparation: dict[str, object] = field(default_factory=dict)
+    # after loading (rank/after.py; the state-dict and train-step checks). Ranks: rank 0's full state dict as
+    # accelerator.get_state_dict gathers it, and again after a sharded save/load round trip (other ranks keep
+    # none); the reference: the plain load's state_dict() in the dtype it was loaded in.
+    state_dict: dict[str, TensorRecord] = field(default_factory=dict)
+    round_trip: dict[str, TensorRecord] = field(default_factory=dict)  # ranks only
+    saved: dict[str, TensorRecord] = field(default_factory=dict)  # reference only: what its save_pretrained wrote
+    saved_dir: str = ""  # rank 0 only: the directory its save_pretrained wrote (reloaded by the parent)
+    train: TrainStep | None = None
 
     @property
     def ok(self) -> bool:

@@ -15,10 +15,11 @@ from fsdp_load_checks.records.enums import (
     LostHow,
     Phase,
     ProblemKind,
+    Quantity,
     Status,
     TensorKind,
 )
-from fsdp_load_checks.records.observation import Failure, Observation
+from fsdp_load_checks.records.observation import Failure, Observation, Reload
 
 
 @dataclass
@@ -60,6 +61,7 @@ class CaseRun:
     lost: list[LostRank] = field(default_factory=list)
     launch_dir: str = ""
     not_run: NotRun | None = None
+    reload: Reload | None = None  # the plain reload of rank 0's save_pretrained directory, when it wrote one
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Problem:
     `rank` is None for the reference process. `tensor` is a parameter or
     buffer name, the forward's output ("logits" or
     "last_hidden_state", `Observation.output`), or the names of a lost tie joined by ", ".
+    `quantity` says what was compared when it is not the loaded tensor itself
+    (a state dict, a saved file, a gradient, the loss, ...).
     """
 
     check: str
@@ -122,6 +126,7 @@ class Problem:
     failure: Failure | None = None  # RAISED, REFERENCE_FAILED
     lost: LostRank | None = None  # LOST
     not_run: NotRun | None = None  # NOT_RUN
+    quantity: Quantity | None = None  # state-dict and train-step checks: what was compared
 
 
 @dataclass
@@ -147,7 +152,9 @@ class Symptom:
     full; `tagged` names a case tag whose `Case.tensors` list the problem's
     tensor must be in. `when_tagged` limits the symptom to cases with that
     tag. `multiple` bounds a memory problem's committed / model bytes,
-    low inclusive, high exclusive.
+    low inclusive, high exclusive. `quantities` limits it to problems about
+    those quantities (a gradient, a saved file, ...); `got` and `want` are
+    regular expressions over the problem's own got/want text.
     """
 
     kinds: frozenset[ProblemKind] = frozenset()  # empty: any kind
@@ -161,8 +168,9 @@ class Symptom:
     loading: bool | None = None  # MEMORY: the rank is (True) or is not (False) its node's loading rank
     multiple: tuple[float, float] | None = None
     when_tagged: str | None = None
-    got: str | None = None  # DTYPE / SHAPE: the rank's value, exactly as the problem has it (e.g. "bfloat16")
-    want: str | None = None  # ... the other side's
+    quantities: frozenset[Quantity] = frozenset()  # empty: any (Problem.quantity)
+    got: str | None = None  # regular expressions Problem.got / Problem.want must match in full (DTYPE: dtypes)
+    want: str | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from fsdp_load_checks import model_class, observe
 from fsdp_load_checks.catalogue import import_all
 from fsdp_load_checks.poison import poisoned
 from fsdp_load_checks.records import Case, Observation, Phase, TensorKind
+from fsdp_load_checks.reference import after
 from fsdp_load_checks.tensors import init_non_persistent, set_tensor
 
 
@@ -67,6 +69,7 @@ def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observ
             model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
         obs.model_class = type(model).__name__
         obs.missing_keys = tuple(sorted(info.get("missing_keys", ())))
+        dtypes = after.loaded_dtypes(model)
         compute = MIXED_PRECISION_DTYPES.get(mixed_precision)
         if compute is not None:
             upcast_trainable(model)
@@ -80,11 +83,14 @@ def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observ
                 obs.init_mismatch[name] = got  # what the plain load gave; the intended value replaces it
                 obs.tensors[name] = want
                 set_tensor(model, name, want.value.clone())  # so the reference logits are right too
+        prepared = copy.deepcopy(model) if compute is not None else model  # what ranks hold; the forward casts `model`
         phase = Phase.FORWARD
         if compute is not None:
             cast_for_compute(model, compute)
             obs.logits_dtype = str(compute).removeprefix("torch.")
         obs.output, obs.logits = observe.forward_output(model, torch.device("cpu"), output_dtype=compute)
+        for phase, step in after.steps(obs, prepared, dtypes, compute):  # state dict, save, training step
+            step()
     except Exception as exc:  # recorded: the parent reports it against the case
         obs.failure = observe.failure_from(exc, -1, phase)
     return obs

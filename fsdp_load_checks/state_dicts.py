@@ -1,0 +1,55 @@
+"""State dicts and saved checkpoints as records, the same way on ranks, in the reference and in the reload.
+
+A state dict is recorded key by key with `observe.record` (dtype, shape,
+sha256 digest; values only up to 1 MiB), so the state-dict check compares
+what a rank gathered, what it saved and what a plain load reads back with
+the plain single-process load, bit for bit, without keeping a second model
+in any result file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fsdp_load_checks.observe import record
+from fsdp_load_checks.records import TensorKind, TensorRecord
+
+
+def kinds_of(model: torch.nn.Module) -> dict[str, TensorKind]:
+    """State-dict key -> PARAMETER or BUFFER (persistent buffers are the only buffers a state dict holds)."""
+    return {name: TensorKind.PARAMETER for name, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def records(state_dict: dict[str, torch.Tensor], kinds: dict[str, TensorKind]) -> dict[str, TensorRecord]:
+    """Every entry of a (full, CPU) state dict, in its order; a key `kinds` does not know is a buffer."""
+    return {name: record(name, kinds.get(name, TensorKind.BUFFER), t) for name, t in state_dict.items()}
+
+
+def saved_records(directory: str | Path, kinds: dict[str, TensorKind]) -> dict[str, TensorRecord]:
+    """The tensors `save_pretrained` wrote to `directory`'s *.safetensors files, as stored (key, dtype, bytes).
+
+    Read one tensor at a time from the memory-mapped file, so a big checkpoint
+    costs one tensor of memory. FileNotFoundError: no safetensors file there.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    out: dict[str, TensorRecord] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                out[name] = record(name, kinds.get(name, TensorKind.BUFFER), handle.get_tensor(name))
+    return dict(sorted(out.items()))
+
+
+def plain_save_records(model: torch.nn.Module) -> dict[str, TensorRecord]:
+    """What `model.save_pretrained` (safetensors) writes for a plain, unsharded model: transformers' own
+    convention (tied parameters stored once, non-persistent buffers left out), read back as records."""
+    with tempfile.TemporaryDirectory(prefix="fsdp-load-checks-save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        return saved_records(tmp, kinds_of(model))
