@@ -302,7 +302,9 @@ def check_state_dict(run: CaseRun, ref: Observation) -> list[Problem]:
     dtype each was loaded in) and bytes. The files rank 0's `save_pretrained`
     wrote must hold what a plain `save_pretrained` writes (tied parameters
     once, no non-persistent buffer), and a plain load of them must give the
-    plain load's state dict back.
+    plain load's state dict back. A run stopped by a signal after the case
+    but before the batch's plain reload (parent/reload.py) has no `reload`:
+    only the files' part goes unjudged.
     """
     problems = []
     rank0 = run.observations[0]
@@ -310,6 +312,8 @@ def check_state_dict(run: CaseRun, ref: Observation) -> list[Problem]:
     problems += against(rank0.state_dict, ref.state_dict, quantity=Quantity.GATHERED, against=Against.PLAIN_LOAD)
     problems += against(rank0.round_trip, ref.state_dict, quantity=Quantity.ROUND_TRIP, against=Against.PLAIN_LOAD)
     reload = run.reload
+    if reload is None and rank0.saved_dir:  # the run was stopped (a signal) before the plain reload: not judged
+        return problems
     if reload is None or reload.failure is not None:
         problems.append(Problem("state-dict", run.case, ProblemKind.RELOAD_FAILED, rank=0, quantity=Quantity.RELOADED,
                                 failure=reload.failure if reload else None))

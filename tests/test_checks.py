@@ -323,6 +323,17 @@ def test_state_dict_flags_a_save_that_does_not_load_back():
     assert (p.kind, p.quantity, p.tensor) == (ProblemKind.VALUES, Quantity.RELOADED, "bias")
 
 
+def test_state_dict_without_a_reload_is_judged_only_when_rank_0_saved_nothing():
+    stopped = run_of(observation(0, saved_dir="/tmp/x/saved"), observation(1))
+    stopped.reload = None  # a signal ended the run before the batch's plain reload: the rest is still judged
+    assert problems("state-dict", stopped, REF) == []
+    stopped.observations[0].state_dict["bias"] = record("bias", BUFFER, torch.tensor([0.5, 0.0]))
+    assert len(problems("state-dict", stopped, REF)) == 1
+    unsaved = run_of(observation(0), observation(1))
+    unsaved.reload = None  # no directory and no failure: never read as nothing to judge
+    assert problems("state-dict", unsaved, REF) == ["c: rank 0 left no save_pretrained directory to load back"]
+
+
 def test_train_step_is_exact_on_cpu_with_two_ranks():
     ulp = torch.tensor([[0.25, -0.5, 1e-7], [0.0, 2.0, -1.0]])
     ulp[0, 0] = torch.nextafter(ulp[0, 0], torch.tensor(1.0))

@@ -193,7 +193,7 @@ def test_the_cli_stopped_at_each_stage_ends_everything_and_reports_what_was_comp
             assert list(done) == ["fault-none-before"] and report["unfinished"] == ["signal-midcase"], report
             statuses = done["fault-none-before"]  # memory is skipped: a tiny model
             assert statuses == {"no-nan": "passed", "buffers": "passed", "parameters": "passed", "forward": "passed",
-                                "memory": "skipped"}, statuses
+                                "memory": "skipped", "state-dict": "passed", "train-step": "passed"}, statuses
         else:
             assert done == {} and report["unfinished"] == [f"signal-{run.stage}"], report
 

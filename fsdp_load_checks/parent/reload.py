@@ -24,8 +24,13 @@ def reload_saved(runs: dict[str, CaseRun], timeout_s: float) -> None:
     jobs = []
     for name, run in runs.items():
         rank0 = run.observations.get(0)
-        if rank0 is not None and rank0.saved_dir and Path(rank0.saved_dir).is_dir():
+        if rank0 is None or not rank0.saved_dir:
+            continue
+        if Path(rank0.saved_dir).is_dir():
             jobs.append({"case": name, "directory": rank0.saved_dir, "out": f"{rank0.saved_dir}.reload.pt"})
+        else:  # said it saved, left nothing: judged as a failed reload, never as nothing to judge
+            gone = f"rank 0's save_pretrained directory {rank0.saved_dir} does not exist"
+            run.reload = Reload(failure=Failure(-1, Phase.RELOAD, "FileNotFoundError", gone, ""))
     if not jobs:
         return
     spec = Path(jobs[0]["directory"]).parents[2] / "reload-jobs.json"  # the first job's launch directory
