@@ -99,8 +99,9 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     md, xml, js = tmp_path / "r.md", tmp_path / "r.xml", tmp_path / "r.json"
     proc = cli("check", str(tiny_gpt2), "--nproc", "2", "--markdown", str(md), "--junit", str(xml), "--json", str(js))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| tiny-gpt2 | pass | pass | pass | pass | skip |" in md.read_text()
-    assert 'tests="5" failures="0"' in xml.read_text()
+    # a tied model: save_pretrained writes the gathered tie twice (known issue), the rest passes
+    assert "| tiny-gpt2 | pass | pass | pass | pass | skip | xfail | pass |" in md.read_text()
+    assert 'tests="7" failures="0"' in xml.read_text()
     data = json.loads(js.read_text())
     assert data["passed"] and data["cases"][0]["status"]["buffers"] == "passed"
     # loaded with the class config.json names, and the report says which output the forward check compared

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from fsdp_load_checks import catalogue, render
+from fsdp_load_checks import catalogue, known_issues, render
 from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig
 
@@ -29,10 +29,17 @@ def test_four_ranks_on_two_nodes_each_with_its_own_local_rank_0(two_nodes):
     assert all(obs.world_size == 4 for obs in run.observations.values())
 
 
+# what the stock stack is known to get wrong here, on one node or two alike: check -> known issue
+KNOWN = {"tied-embeddings": {"state-dict": "save-pretrained-writes-gathered-tie-twice"}}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_rank_ends_equal_to_global_rank_0_and_a_plain_load(two_nodes, case):
     result = two_nodes[case]
-    bad = {name: v.problems for name, v in result.verdicts.items() if not v.passed}
+    outcomes = known_issues.outcomes(result, catalogue.select([case])[0], "stock")
+    known = {check: o.issues[0].key for check, o in outcomes.items() if o.status == "xfailed"}
+    assert known == KNOWN.get(case, {})
+    bad = {name: v.problems for name, v in result.verdicts.items() if not v.passed and name not in known}
     assert bad == {}
 
 
