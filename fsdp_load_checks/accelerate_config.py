@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,21 @@ SHIPPED_DIR = Path(__file__).parent / "configs"
 DEFAULT = "fsdp2"  # FSDP2, cpu_ram_efficient_loading, mixed_precision no
 BF16 = "fsdp2-bf16"  # TRL's FSDP2 config: the same with bf16 mixed precision and transformer-layer wrapping
 ENV_PREFIXES = ("ACCELERATE_", "FSDP_")
+
+
+@contextlib.contextmanager
+def without_accelerate_env() -> Iterator[None]:
+    """The launch's accelerate environment (ENV_PREFIXES) withdrawn for the duration; afterwards whatever the
+    body set under those prefixes is dropped and the launch's values are put back as they were."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    for key in saved:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+            del os.environ[key]
+        os.environ.update(saved)
 
 
 class BadAccelerateConfig(ValueError):

@@ -223,12 +223,8 @@ def check_memory(run: CaseRun, ref: Observation) -> list[Problem]:
         prepare = mem.phases.get(Phase.FSDP2_PREPARE)
         if prepare is None or not mem.shard_bytes:  # preparation raised: nothing to bound
             continue
-        terms = preparation_bound(mem)
-        limit = sum(size for _, size in terms)
-        if prepare.committed > limit:
-            excess = MemoryExcess(Phase.FSDP2_PREPARE, prepare.committed, mem.model_bytes, limit / mem.model_bytes,
-                                  loading, mem.source, terms)
-            problems.append(Problem("memory", run.case, ProblemKind.MEMORY, rank=rank, memory=excess))
+        problems += _beyond_terms(run.case, rank, Phase.FSDP2_PREPARE, prepare.committed, mem, loading,
+                                  preparation_bound(mem))
     return problems
 
 
@@ -245,12 +241,16 @@ def sharded_load_bound(mem: MemoryProfile) -> tuple[tuple[str, int], ...]:
 def _sharded_load_excess(case: str, rank: int, mem: MemoryProfile, committed: int, loading: bool) -> list[Problem]:
     if not mem.shard_bytes:  # the load raised: nothing to bound
         return []
-    terms = sharded_load_bound(mem)
+    return _beyond_terms(case, rank, Phase.FROM_PRETRAINED, committed, mem, loading, sharded_load_bound(mem))
+
+
+def _beyond_terms(case: str, rank: int, phase: Phase, committed: int, mem: MemoryProfile, loading: bool,
+                  terms: tuple[tuple[str, int], ...]) -> list[Problem]:
+    """A MEMORY problem when `committed` bytes exceed the sum of the bound's named `terms`, else none."""
     limit = sum(size for _, size in terms)
     if committed <= limit:
         return []
-    excess = MemoryExcess(Phase.FROM_PRETRAINED, committed, mem.model_bytes, limit / mem.model_bytes, loading,
-                          mem.source, terms)
+    excess = MemoryExcess(phase, committed, mem.model_bytes, limit / mem.model_bytes, loading, mem.source, terms)
     return [Problem("memory", case, ProblemKind.MEMORY, rank=rank, memory=excess)]
 
 

@@ -15,26 +15,9 @@ flight and the slack during `from_pretrained`, on every rank alike.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
-ACCELERATE_ENV = ("ACCELERATE_", "FSDP_")
-
-
-@contextlib.contextmanager
-def without_accelerate_env() -> Iterator[None]:
-    """The launch's accelerate environment withdrawn for the duration, then put back as it was."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith(ACCELERATE_ENV)}
-    for key in saved:
-        del os.environ[key]
-    try:
-        yield
-    finally:
-        for key in [k for k in os.environ if k.startswith(ACCELERATE_ENV)]:
-            del os.environ[key]
-        os.environ.update(saved)
-
+from fsdp_load_checks.accelerate_config import without_accelerate_env
 
 def load(model_class, checkpoint: str, dtype):
     """Every rank: its own slice of `checkpoint` as `model_class`, sharded by transformers over all the ranks

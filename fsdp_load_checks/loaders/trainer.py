@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import tempfile
 from collections.abc import Iterator
 
-ACCELERATE_ENV = ("ACCELERATE_", "FSDP_")
+from fsdp_load_checks.accelerate_config import without_accelerate_env
 
 
 @contextlib.contextmanager
@@ -32,12 +31,9 @@ def trainer_arguments() -> Iterator[None]:
     from accelerate.state import AcceleratorState, PartialState
     from transformers import TrainingArguments
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(ACCELERATE_ENV)}
     shared = copy.copy(PartialState._shared_state), copy.copy(AcceleratorState._shared_state)
-    for key in env:
-        del os.environ[key]
     try:
-        with tempfile.TemporaryDirectory(prefix="trainer-args-") as out:
+        with without_accelerate_env(), tempfile.TemporaryDirectory(prefix="trainer-args-") as out:
             TrainingArguments(
                 output_dir=out,
                 fsdp=True,
@@ -47,9 +43,6 @@ def trainer_arguments() -> Iterator[None]:
             )
             yield
     finally:
-        for key in [k for k in os.environ if k.startswith(ACCELERATE_ENV)]:
-            del os.environ[key]
-        os.environ.update(env)
         PartialState._shared_state.clear()
         PartialState._shared_state.update(shared[0])
         AcceleratorState._shared_state.clear()
