@@ -143,6 +143,10 @@ class Observation:
     saved: dict[str, TensorRecord] = field(default_factory=dict)  # reference only: what its save_pretrained wrote
     saved_dir: str = ""  # rank 0 only: the directory its save_pretrained wrote (reloaded by the parent)
     train: TrainStep | None = None
+    # wall seconds this process spent in each phase of the case (Phase values; ranks: rank/memory.Sampler,
+    # plus "startup" on a launch's first case: process start to the first case, torch import and rendezvous
+    # included; the reference: "reference", its whole case)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
