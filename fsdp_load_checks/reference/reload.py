@@ -11,6 +11,7 @@ deleted once read, so a big checkpoint does not outlive its check.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> int:
     """JOBS_JSON: a list of {"case", "directory", "out"}."""
     torch.set_num_threads(1)
     catalogue = all_cases()
+    gc.freeze()  # the imports live for the process: the collector's automatic passes skip them (rank/case.py)
     for job in json.loads(Path(argv[0]).read_text()):
         directory = Path(job["directory"])
         try:
