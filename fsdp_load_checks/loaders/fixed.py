@@ -2,7 +2,7 @@
 
 For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
-transformers, and changes five things (T2, T3, A1, A2, A4), each separately
+transformers, and changes six things (T2, T3, T4, A1, A2, A4), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
 as "the fixed loader, except this piece", showing only its own symptom
 (A3 applies under a mixed-precision accelerate config only). The patches
@@ -15,6 +15,9 @@ prepared model is saved:
   T2  the loading rank: non-persistent buffers start from the value the model's
       `__init__` gives them instead of `torch.empty_like`, so one `_init_weights`
       forgets is right on rank 0 (and in any plain load).
+  T4  ranks 1..N: parameters the checkpoint lacks get their own uncommitted storage
+      instead of staying on meta, where they all share `data_ptr() == 0` and collide
+      in accelerate's optimizer mapping (`give_missing_parameters_storage`).
   T3  every rank: a buffer tensor registered under several names is materialised
       once and set under every name (transformers and accelerate both dedupe
       buffers by identity and leave the other names on meta).
@@ -147,12 +150,37 @@ def _move_missing_keys(variant: Variant, installed):
             variant.non_rank0_branch(self)  # a regression's era
         else:
             installed(self, missing_keys, device_map, device_mesh, hf_quantizer)  # T1 on ranks 1..N
+        if non_loading:  # T4
+            give_missing_parameters_storage(self, missing_keys)
         for names in shared:  # T3
             share_buffer(self, names)
         if variant.init_values and not non_loading:  # T2
             copy_init_values(self)
 
     return _move_missing_keys_from_meta_to_device
+
+
+def give_missing_parameters_storage(model, missing_keys) -> None:
+    """T4: ranks 1..N give each parameter the checkpoint lacks its own (uncommitted) storage.
+
+    transformers 5.x returns early on ranks 1..N (`_move_missing_keys_from_meta_to_device` materialises only the
+    non-persistent buffers), so parameters missing from the checkpoint stay on meta there, all with
+    `data_ptr() == 0`; accelerate's `_prepare_fsdp2` maps optimizer parameters to the sharded ones by
+    `data_ptr()` (accelerator.py `_get_named_parameters(drop_refs=True)`, `fsdp2_switch_optimizer_parameters`),
+    so with two or more such parameters the mapping collides and a receiving rank's optimizer holds one of
+    them twice and the others not at all. `torch.empty` commits no memory; rank 0's broadcast fills it.
+    """
+    import torch
+    from transformers.modeling_utils import _load_parameter_into_model
+
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    for key in sorted(set(missing_keys) - tied):
+        try:
+            param = model.get_parameter(key)
+        except AttributeError:  # a buffer: not in the optimizer
+            continue
+        if param.device.type == "meta":
+            _load_parameter_into_model(model, key, torch.empty_like(param, device="cpu"))
 
 
 BRANCH_LOG = "fsdp-load-checks loader:"
