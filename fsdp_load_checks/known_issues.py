@@ -39,6 +39,7 @@ from fsdp_load_checks.records.case import (
     BIG,
     FORGOTTEN_BUFFER,
     FORGOTTEN_FLOAT_BUFFER,
+    MISSING_PARAMETERS,
     MIXED_PRECISION,
     PERSISTENT_BUFFER,
     ROOT_NON_PERSISTENT,
@@ -304,6 +305,29 @@ KNOWN_ISSUES = [
         affected=">=1.14.0",
         selects=lambda case: BIG in case.tags and MIXED_PRECISION in case.tags and case.dtype in HALF_DTYPES,
         symptoms={"memory": (FP32_COPY_ON_A_RECEIVING_RANK,)},
+    ),
+    KnownIssue(
+        key="missing-parameters-collide-in-optimizer-mapping",
+        url="https://github.com/huggingface/accelerate/blob/v1.15.0/src/accelerate/accelerator.py",
+        title=(
+            "ranks 1..N keep the parameters a checkpoint lacks on meta (transformers' "
+            "_move_missing_keys_from_meta_to_device returns early there), where every one has data_ptr() 0; "
+            "accelerate's _prepare_fsdp2 maps optimizer parameters to the sharded ones by data_ptr(), so with two "
+            "or more such parameters the map collides: a receiving rank's optimizer holds one of them twice (stepped "
+            "twice) and the others not at all (e.g. a classifier's weight and bias on a base checkpoint)"
+        ),
+        package="accelerate",
+        affected=">=1.10.0",
+        also={"transformers": ">=5.23.0"},
+        selects=lambda case: len(case.tensors.get(MISSING_PARAMETERS, ())) >= 2,
+        symptoms={
+            "train-step": (
+                Symptom(kinds=frozenset({ProblemKind.MISSING}), quantities=frozenset({Quantity.MASTER}), min_rank=1,
+                        tagged=MISSING_PARAMETERS),
+                Symptom(kinds=frozenset({ProblemKind.VALUES}), quantities=frozenset({Quantity.STEPPED}),
+                        tagged=MISSING_PARAMETERS),
+            ),
+        },
     ),
     KnownIssue(
         key="save-pretrained-writes-gathered-tie-twice",

@@ -19,7 +19,14 @@ from fsdp_load_checks.records import (
     TensorKind,
     Verdict,
 )
-from fsdp_load_checks.records.case import BIG, FORGOTTEN_BUFFER, MIXED_PRECISION, PERSISTENT_BUFFER, TIED
+from fsdp_load_checks.records.case import (
+    BIG,
+    FORGOTTEN_BUFFER,
+    MISSING_PARAMETERS,
+    MIXED_PRECISION,
+    PERSISTENT_BUFFER,
+    TIED,
+)
 
 NEWEST = {"transformers": "5.24.0", "accelerate": "1.15.0"}
 MiB = 1 << 20
@@ -153,3 +160,15 @@ def test_a_tie_saved_twice_is_expected_only_for_the_names_the_plain_load_ties():
     assert classify(tied, copy(tensor="model.other.weight"), check="state-dict").status == Status.FAILED
     assert classify(case(), copy(tensor="lm_head.weight"), check="state-dict").status == Status.FAILED
     assert classify(tied, check="state-dict").status == Status.FAILED  # stale: the tie was saved once
+
+
+def test_missing_parameters_colliding_in_the_optimizer_map_is_expected_only_for_two_or_more_on_ranks_1_to_n():
+    lost = partial(Problem, "train-step", "c", ProblemKind.MISSING, quantity=Quantity.MASTER,
+                   tensor_kind=TensorKind.PARAMETER)
+    two = case(tensors={MISSING_PARAMETERS: ("model.embed_tokens.weight", "lm_head.weight")})
+    assert classify(two, lost(rank=1, tensor="model.embed_tokens.weight"), check="train-step").status == Status.XFAILED
+    assert classify(two, lost(rank=0, tensor="model.embed_tokens.weight"), check="train-step").status == Status.FAILED
+    assert classify(two, lost(rank=1, tensor="model.norm.weight"), check="train-step").status == Status.FAILED
+    one = case(tensors={MISSING_PARAMETERS: ("lm_head.weight",)})  # nothing to collide with
+    assert classify(one, lost(rank=1, tensor="lm_head.weight"), check="train-step").status == Status.FAILED
+    assert classify(two, check="train-step").status == Status.FAILED  # stale: every rank's optimizer held them

@@ -22,6 +22,7 @@ from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
 from fsdp_load_checks.records.case import (
     FORGOTTEN_BUFFER,
     FORGOTTEN_FLOAT_BUFFER,
+    MISSING_PARAMETERS,
     ROOT_NON_PERSISTENT,
     SHARED_NON_PERSISTENT,
 )
@@ -68,6 +69,10 @@ def layout_case(layout: dict) -> Case:
         tags.add(TIED)
     if layout["drop_keys"]:
         tags.add(DROPPED)
+    # embedding and head are parameters outside the specs; tie sources are never dropped (droppable_keys)
+    missing = [k for k in layout["drop_keys"] if k not in specs or specs[k]["kind"] == "param"]
+    if missing:
+        tensors[MISSING_PARAMETERS] = tuple(missing)
     case = Case(
         layout_name(layout),
         f"generated layout ({describe(layout)})",
