@@ -58,7 +58,8 @@ OPTIONS = [
            "stock", metavar="NAME"),
     Option("--fsdp-cases", "comma-separated case names or globs (default: every zoo case)", metavar="GLOBS",
            cli_aliases=("--cases",)),
-    Option("--fsdp-timeout", "seconds one case may take on a rank before it is killed as hung (120)", "120",
+    Option("--fsdp-timeout", "seconds a launch may go with no rank making progress (a new case, phase or "
+           "collective) before it is killed as hung (120)", "120",
            metavar="S", cli_aliases=("--timeout",)),
     Option("--fsdp-startup-timeout", "seconds for every rank to start (300)", "300", metavar="S",
            cli_aliases=("--startup-timeout",)),

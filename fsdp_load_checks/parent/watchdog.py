@@ -1,9 +1,13 @@
 """The parent's wall clock over a launch: ranks report where they are, the parent decides when they hang.
 
 Each rank rewrites its progress file (pid, case, phase, collectives
-announced) at every step. A case whose ranks overstay the per-case budget
-is a hang: of the overdue ranks, those furthest behind hang and the rest
-wait for them in a collective.
+announced) at every step. A launch in which no rank has announced progress
+(a new case, phase or collective) for the budget (`--fsdp-timeout`) hangs:
+of its ranks, those furthest behind hang and the rest wait for them in a
+collective. Progress, not a case's total time: a big case on a loaded
+machine is slow in every phase, never still in one (a budget per case ended
+big-llama's after-loading phases under CI load, at a different phase each
+time, while both ranks kept moving).
 """
 
 from __future__ import annotations
@@ -80,12 +84,12 @@ def dump_stacks(out_dir: Path, world_size: int) -> None:
 
 
 def wait(procs: list[subprocess.Popen], out_dir: Path, cfg, on_progress: Callable | None) -> Watch:
-    """Poll until torchrun exits or a rank overstays its case (or start-up) budget.
+    """Poll until torchrun exits, no rank progresses for the case budget, or start-up overstays its own.
 
     `cfg` is the launch's `records.LaunchConfig`; `on_progress(case, rank)`
     is called once per case each rank finishes.
     """
-    seen: dict[int, tuple[str, float]] = {}
+    seen: dict[int, tuple[tuple, float]] = {}  # rank -> ((case, phase, step), when the parent first saw it)
     started = time.monotonic()
     done_cases: set[tuple[str, int]] = set()
     first_dead = None
@@ -104,16 +108,13 @@ def wait(procs: list[subprocess.Popen], out_dir: Path, cfg, on_progress: Callabl
                 if s and s["phase"] == Phase.DONE and (s["case"], r) not in done_cases:
                     done_cases.add((s["case"], r))
                     on_progress(s["case"], r)
-        hung = []
         for r, s in states.items():
             if s is None or s["phase"] in (Phase.STARTUP, Phase.EXIT):
                 continue
-            case = s["case"]
-            if seen.get(r, ("", 0.0))[0] != case:
-                seen[r] = (case, now)
-            if now - seen[r][1] > cfg.case_timeout_s:
-                hung.append(r)
-        if hung:
+            where = (s["case"], s["phase"], s.get("step", 0))
+            if seen.get(r, ((), 0.0))[0] != where:
+                seen[r] = (where, now)
+        if seen and now - max(when for _, when in seen.values()) > cfg.case_timeout_s:
             # judge every live rank, not only the first overdue: the one that hangs may have entered later
             live = [r for r, s in states.items() if (s or {}).get("phase") != Phase.EXIT]
             return split_overdue(live, states)
