@@ -5,7 +5,9 @@
 Checkpoints and single-process references are built once up front and
 shared by both modes (the suite builds them once per run either way), so
 the figures compare launches only: torchrun start-up, N imports of torch +
-transformers + accelerate per launch, and the cases themselves.
+transformers + accelerate per launch, and the cases themselves. Then, per
+--nproc, where the batched launch's time went: each phase's wall time
+(`Observation.seconds`), slowest and fastest rank, summed over cases.
 """
 
 from __future__ import annotations
@@ -31,6 +33,31 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def phase_breakdown(runs: dict) -> dict[str, tuple[float, float]]:
+    """phase -> (seconds summed over cases of the slowest rank's time in it, the same for the fastest rank).
+
+    The slowest rank sets a case's wall time; the gap to the fastest is time spent waiting in collectives.
+    """
+    totals: dict[str, list[float]] = {}
+    for run in runs.values():
+        phases = dict.fromkeys(p for obs in run.observations.values() for p in obs.seconds)
+        for phase in phases:
+            figures = [obs.seconds.get(phase, 0.0) for obs in run.observations.values()]
+            slow_fast = totals.setdefault(phase, [0.0, 0.0])
+            slow_fast[0] += max(figures)
+            slow_fast[1] += min(figures)
+    return {p: (v[0], v[1]) for p, v in totals.items()}
+
+
+def print_breakdown(nproc: int, runs: dict, wall: float) -> None:
+    breakdown = phase_breakdown(runs)
+    accounted = sum(slow for slow, _ in breakdown.values())
+    print(f"  per-phase wall time, batched launch at --nproc {nproc}, {len(runs)} cases "
+          f"(slowest rank / fastest rank, summed over cases; {accounted:.1f} s of {wall:.1f} s accounted):")
+    for phase, (slow, fast) in sorted(breakdown.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {phase:<20} {slow:>8.1f} s {fast:>8.1f} s {100 * slow / max(wall, 1e-9):>6.1f}%")
+
+
 def all_complete(runs: dict, world: int) -> bool:
     return all(len(r.observations) == world and not r.lost for r in runs.values())
 
@@ -50,6 +77,7 @@ def main() -> int:
     runner.materialize(root, selected, timeout_s=1800)
     tasks = [runner.task_for(root, c) for c in selected]
     print(f"{'nproc':>5} {'batched s':>10} {'one case s':>10} {'per-case s':>11} {'speed-up':>9} {'marginal s/case':>16}")
+    breakdowns = []
     for nproc in args.nproc:
         cfg = LaunchConfig(nproc=nproc, case_timeout_s=300, startup_timeout_s=600)
         work = root / f"n{nproc}"
@@ -70,6 +98,9 @@ def main() -> int:
             + ("" if ok else "   (some case did not complete: figures invalid)"),
             flush=True,
         )
+        breakdowns.append((nproc, dict(batched_runs), batched))
+    for nproc, runs, wall in breakdowns:
+        print_breakdown(nproc, runs, wall)
     return 0
 
 

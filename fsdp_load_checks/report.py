@@ -30,6 +30,8 @@ class Row:
     preparation: dict[int, dict] = field(default_factory=dict)
     model_class: str = ""  # the class the plain load instantiated (LlamaForCausalLM, BertModel, ...)
     output: str = ""  # the output the forward check compared: logits, or last_hidden_state for a base model
+    # process -> phase -> wall seconds (ranks 0..N-1; -1 the reference process: "checkpoint", "reference"), JSON only
+    seconds: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 MEMORY_PHASES = ("from_pretrained", "fsdp2_prepare", "observe", "forward")
@@ -42,6 +44,14 @@ def memory_figures(observations: dict) -> dict[int, dict[str, int]]:
         figures = {"model": obs.memory.model_bytes}
         figures.update({str(p): m.committed for p, m in obs.memory.phases.items()})
         out[rank] = figures
+    return out
+
+
+def phase_seconds(observations: dict, reference=None) -> dict[int, dict[str, float]]:
+    """process -> phase -> wall seconds (`Observation.seconds`); the reference process is -1."""
+    out = {rank: dict(obs.seconds) for rank, obs in sorted(observations.items())}
+    if reference is not None and reference.seconds:
+        out[-1] = dict(reference.seconds)
     return out
 
 

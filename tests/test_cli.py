@@ -108,6 +108,15 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     assert set(data["cases"][0]["memory"]) == {"0", "1"}  # per-rank memory figures reach the report
     assert data["accelerate_config"] == "fsdp2"  # the report names the config and how each rank was prepared
     assert data["cases"][0]["preparation"]["1"]["call"] == "Accelerator.prepare"
+    # per-phase wall time of every process: the launch's start-up on its first case, each phase a rank went
+    # through, the reference process's build and plain load (-1)
+    seconds = data["cases"][0]["seconds"]
+    assert set(seconds) == {"0", "1", "-1"}, seconds
+    for rank in ("0", "1"):
+        assert {"startup", "import", "from_pretrained", "fsdp2_prepare", "observe", "forward",
+                "cleanup"} <= set(seconds[rank]), seconds[rank]
+        assert all(s >= 0 for s in seconds[rank].values()) and seconds[rank]["startup"] > 0
+    assert set(seconds["-1"]) == {"checkpoint", "reference"}
 
 
 def test_a_known_upstream_issue_is_expected_not_failed(tmp_path):

@@ -10,6 +10,7 @@ import faulthandler
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main(argv: list[str]) -> None:
     # a harness self-test may hold a rank here, before torch is imported (`hang@startup:R` on the first case)
     progress(Phase.STARTUP, "", spec.tasks[0].fault if spec.tasks else None)
 
+    import psutil
     import torch
     import torch.distributed as dist
 
@@ -51,9 +53,13 @@ def main(argv: list[str]) -> None:
     # an empty launch only proves the rendezvous
     accelerator = make_accelerator(device, spec.accelerate_env) if spec.tasks else None
 
+    # process start (interpreter, torch import, rendezvous, Accelerator) to the first case: paid once per launch
+    startup_s = time.time() - psutil.Process().create_time()
     code = 0
     for index, task in enumerate(spec.tasks):
         obs = run_case(task, spec, accelerator, device, progress)
+        if index == 0:
+            obs.seconds = {"startup": round(startup_s, 4), **obs.seconds}
         observe.write(obs, str(result_path(out_dir, task.case, rank)))
         progress(Phase.DONE, task.case)
         if not in_step(obs, index, spec):

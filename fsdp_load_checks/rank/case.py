@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from datetime import timedelta
 
 from fsdp_load_checks.records import LaunchSpec, Observation, Phase, RankTask
@@ -63,7 +64,8 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     phase = Phase.IMPORT
     model = optimizer = None
     try:
-        with Sampler(obs.memory, cuda=device.type == "cuda") as memory:
+        with Sampler(obs.memory, cuda=device.type == "cuda", seconds=obs.seconds) as memory:
+            memory.phase(phase)  # the case's imports: lazy modeling code is paid here, outside from_pretrained
             import_all(tuple(task.imports))
             model_class = loadable(task.model_class, task.checkpoint)  # modeling code imported before the baseline
             loader = loaders.get(spec.loader)
@@ -101,9 +103,11 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     except Exception as exc:  # recorded with the rank and phase; the parent decides
         obs.failure = observe.failure_from(exc, rank, phase)
     finally:
+        started = time.monotonic()
         del model, optimizer
         accelerator.free_memory()  # drops the references Accelerator.prepare keeps
         gc.collect()
+        obs.seconds["cleanup"] = round(time.monotonic() - started, 4)
     return obs
 
 

@@ -34,12 +34,18 @@ def anon_bytes() -> int:
 
 
 class Sampler:
-    """Samples anon_bytes() on a thread; `phase(name)` closes the previous phase and opens the next."""
+    """Samples anon_bytes() on a thread; `phase(name)` closes the previous phase and opens the next.
 
-    def __init__(self, profile: MemoryProfile, cuda: bool = False):
+    `seconds`, when given, receives each closed phase's wall time (phase -> s): the phase boundaries the
+    memory figures use are the ones the timing uses.
+    """
+
+    def __init__(self, profile: MemoryProfile, cuda: bool = False, seconds: dict[str, float] | None = None):
         self.profile = profile
         self.cuda = cuda
+        self.seconds = seconds
         self.t0 = time.monotonic()
+        self.phase_t0 = 0.0
         self.current: str | None = None
         self.peak = 0
         self.start_bytes = 0
@@ -77,7 +83,9 @@ class Sampler:
 
                     cuda_peak = torch.cuda.max_memory_allocated()
                 self.profile.phases[self.current] = PhaseMemory(self.start_bytes, value, max(self.peak, value), cuda_peak)
-            self.current, self.start_bytes, self.peak = name, value, value
+                if self.seconds is not None:
+                    self.seconds[self.current] = round(now - self.phase_t0, 4)
+            self.current, self.start_bytes, self.peak, self.phase_t0 = name, value, value, now
         self.profile.trace.append((now, value))
         if name is not None:
             self.profile.marks.append((now, name))

@@ -108,6 +108,10 @@ class Observation:
     # ranks only: how the model was prepared, read back from accelerate's bookkeeping (rank/prepare.py):
     # call, registered_model, optimizer, is_fsdp2, fsdp_module, mixed_precision, device; and the config's name
     preparation: dict[str, object] = field(default_factory=dict)
+    # wall seconds this process spent in each phase of the case (Phase values; ranks: rank/memory.Sampler,
+    # plus "startup" on a launch's first case: process start to the first case, torch import and rendezvous
+    # included; the reference: "reference", its whole case)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

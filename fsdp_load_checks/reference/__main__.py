@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,15 +23,21 @@ from fsdp_load_checks.reference.plain import observe_plain
 
 def materialize(root: Path, cases: list[Case], run_config: str) -> None:
     """Each case's checkpoint, then its plain load under its accelerate config (the run's unless its own)."""
+    built = {}
     for case in cases:
+        started = time.monotonic()
         checkpoints.build(root, case)
+        built[case.name] = round(time.monotonic() - started, 4)  # ~0 where another process built it
     for case in cases:
         out = reference_path(root, case.name)
         out.parent.mkdir(parents=True, exist_ok=True)
         mixed_precision = accelerate_config.load(case.accelerate_config or run_config).mixed_precision
         with FileLock(str(out) + ".lock"):
             if not out.exists():
-                observe.write(observe_plain(case, checkpoints.checkpoint_dir(root, case), mixed_precision), str(out))
+                started = time.monotonic()
+                obs = observe_plain(case, checkpoints.checkpoint_dir(root, case), mixed_precision)
+                obs.seconds = {"checkpoint": built[case.name], "reference": round(time.monotonic() - started, 4)}
+                observe.write(obs, str(out))
 
 
 def main(argv: list[str]) -> int:
