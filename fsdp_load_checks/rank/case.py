@@ -68,6 +68,9 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
             memory.phase(phase)  # the case's imports: lazy modeling code is paid here, outside from_pretrained
             import_all(tuple(task.imports))
             model_class = loadable(task.model_class, task.checkpoint)  # modeling code imported before the baseline
+            # everything alive now (torch, transformers, accelerate, the modeling code) lives for the launch: out of
+            # the collector's reach, the full collection after each case walks only what the case made (1.3 s -> ms)
+            gc.freeze()
             loader = loaders.get(spec.loader)
             with loader.patch():
                 phase = Phase.FROM_PRETRAINED

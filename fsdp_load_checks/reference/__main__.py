@@ -7,6 +7,7 @@ observation, each behind a file lock and written once per run root.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     catalogue = all_cases()
+    gc.freeze()  # the imports live for the process: the collector's automatic passes skip them (rank/case.py)
     materialize(args.root, [catalogue[n] for n in args.cases], args.accelerate_config)
     return 0
 
