@@ -148,6 +148,19 @@ def test_a_rank_that_raised_fails_every_check_naming_rank_and_exception():
         assert p.kind == ProblemKind.RAISED and p.failure is failure
 
 
+def test_a_collective_broken_by_the_peer_that_raised_first_echoes_it_and_is_not_reported():
+    gloo = ("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2713. This is typically caused "
+            "by a remote worker crashing.")
+    echo = Failure(0, Phase.FSDP2_PREPARE, "RuntimeError", gloo, "tb")
+    cause = Failure(1, Phase.FSDP2_PREPARE, "RuntimeError", "injected fault", "tb")
+    both = run_of(observation(0, failure=echo, tensors={}, logits=None),
+                  observation(1, failure=cause, tensors={}, logits=None))
+    assert problems("buffers", both, REF) == ["c: rank 1 raised RuntimeError: injected fault (during fsdp2_prepare)"]
+    # alone, the broken collective is all there is to say: it is reported
+    alone = run_of(observation(0, failure=echo, tensors={}, logits=None), observation(1))
+    assert problems("buffers", alone, REF) == [f"c: rank 0 raised RuntimeError: {gloo} (during fsdp2_prepare)"]
+
+
 def test_a_failed_forward_blocks_only_the_forward_check():
     failure = Failure(1, Phase.FORWARD, "RuntimeError", "boom", "tb")
     bad = run_of(observation(0), observation(1, failure=failure, logits=None))
