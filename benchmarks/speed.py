@@ -65,12 +65,13 @@ def all_complete(runs: dict, world: int) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 8])
-    parser.add_argument("--cases", default=None, help="case filter (default: every toy case but the big-* size class)")
+    parser.add_argument("--cases", default=None,
+                        help="case filter (default: every toy case but the big-* size class, under the default config)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     selected = catalogue.select(pattern=args.cases) if args.cases else [
-        c for c in catalogue.all_cases().values() if not c.name.startswith(("arch-", "big-"))
-    ]
+        c for c in catalogue.all_cases().values() if not c.name.startswith(("arch-", "big-")) and "@" not in c.name
+    ]  # the @bf16 twins run under another accelerate config: another launch, not the same batch
     root = Path(tempfile.mkdtemp(prefix="fsdp-speed-"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"{len(selected)} cases; building checkpoints and references once ...", flush=True)

@@ -11,12 +11,12 @@ every check with that failure, since nothing about it could be verified.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from fsdp_load_checks import observe
 from fsdp_load_checks.records import (
     Against,
     CaseRun,
@@ -492,16 +492,6 @@ def _blocks(obs: Observation, check: str) -> bool:
     return Phase.order(obs.failure.phase) <= max(Phase.order(p) for p in NEEDS[check])
 
 
-# gloo's words (third_party/gloo/gloo/transport/tcp/pair.cc) when the process at the other end of a collective
-# exits: the rank that raised first leaves the launch, and its peers' pending collectives fail with these
-PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")
-
-
-def peer_gone(failure) -> bool:
-    """The failure is a collective broken by a peer that left (gloo's message), not this rank's own error."""
-    return bool(PEER_GONE.search(failure.message))
-
-
 def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list[Problem]:
     """Failures that leave nothing to verify for a check.
 
@@ -520,9 +510,9 @@ def blocking_failures(run: CaseRun, ref: Observation | None, check: str) -> list
     if ref is None or blocks(ref):
         problems.append(Problem(check, run.case, ProblemKind.REFERENCE_FAILED, failure=ref.failure if ref else None))
     raised = {rank: obs for rank, obs in sorted(run.observations.items()) if blocks(obs)}
-    if any(not peer_gone(obs.failure) for obs in raised.values()):
+    if any(not observe.peer_gone(obs.failure) for obs in raised.values()):
         # a rank whose collective broke because a peer that raised first went away only echoes that peer
-        raised = {rank: obs for rank, obs in raised.items() if not peer_gone(obs.failure)}
+        raised = {rank: obs for rank, obs in raised.items() if not observe.peer_gone(obs.failure)}
     for rank, obs in raised.items():
         problems.append(Problem(check, run.case, ProblemKind.RAISED, rank=rank, failure=obs.failure))
     for lost in run.lost:

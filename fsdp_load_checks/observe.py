@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import traceback
 from collections.abc import Callable
 
@@ -157,6 +158,16 @@ def failure_from(exc: BaseException, rank: int, phase: Phase) -> Failure:
         message=message,
         traceback="".join(traceback.format_exception(exc)),
     )
+
+
+# gloo's words (third_party/gloo/gloo/transport/tcp/pair.cc) when the process at the other end of a collective
+# exits: the rank that raised first leaves the launch, and its peers' pending collectives fail with these
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe")
+
+
+def peer_gone(failure: Failure) -> bool:
+    """The failure is a collective broken by a peer that left (gloo's message), not this rank's own error."""
+    return bool(PEER_GONE.search(failure.message))
 
 
 def write(obs: Observation, path: str) -> None:

@@ -69,6 +69,9 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
               runs: dict[str, CaseRun] | None = None) -> dict[str, CaseRun]:
     """Run every task, relaunching after a crash or hang for the cases left; one CaseRun per case, into `runs`.
 
+    A case no missing rank reached (the launch ended after the case before it, e.g. ranks that disagreed
+    about that case exit) is launched again, not reported lost.
+
     Once `cfg.hang_budget` launches have hung in one phase, the cases left are not launched: each
     gets a `NotRun` naming the first of those hangs. On a signal (stop.Stopped) the cases whose every
     rank finished are in `runs` before the exception goes on.
@@ -94,7 +97,14 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
             missing = [r for r in range(cfg.world_size) if r not in run_.observations]
             if not missing:
                 continue
-            run_.lost = lost_ranks(task.case, missing, out_dir, cfg, watch, PORT_RETRIES)
+            lost = lost_ranks(task.case, missing, out_dir, cfg, watch, PORT_RETRIES)
+            if i > 0 and not watch.case_timeout and all(x.phase_case for x in lost):
+                # no missing rank ever reached this case: the launch ended after the one before (ranks that
+                # disagree about a case exit, and whether a slow peer writes its result first is a race)
+                del runs[task.case]
+                remaining = remaining[i:]
+                break
+            run_.lost = lost
             later = remaining = remaining[i + 1 :]
             if not reached_any:
                 # nothing ever started: the same failure would repeat for every case

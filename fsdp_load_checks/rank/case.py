@@ -134,9 +134,16 @@ def in_step(obs: Observation, index: int, spec: LaunchSpec) -> bool:
     """
     import torch.distributed as dist
 
+    from fsdp_load_checks import observe
+
     store = dist.distributed_c10d._get_default_store()
     mine = "ok" if obs.ok else f"{obs.failure.exc_type}@{obs.failure.phase}"
     keys = [f"fsdp-load-checks/status/{index}/{r}" for r in range(dist.get_world_size())]
+    if obs.failure is not None and observe.peer_gone(obs.failure):
+        # a peer left in the middle of a collective: the process group is broken whatever the peers say (its
+        # RuntimeError may even match the one that peer raised, when the peer gave up waiting before we wrote)
+        store.set(keys[dist.get_rank()], "peer-gone")
+        return False
     store.set(keys[dist.get_rank()], mine)
     try:
         store.wait(keys, timedelta(seconds=spec.case_timeout_s if obs.ok else spec.control_timeout_s))

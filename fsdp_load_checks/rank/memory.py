@@ -45,7 +45,6 @@ class Sampler:
         self.cuda = cuda
         self.seconds = seconds
         self.t0 = time.monotonic()
-        self.phase_t0 = 0.0
         self.current: str | None = None
         self.peak = 0
         self.start_bytes = 0
@@ -83,9 +82,9 @@ class Sampler:
 
                     cuda_peak = torch.cuda.max_memory_allocated()
                 self.profile.phases[self.current] = PhaseMemory(self.start_bytes, value, max(self.peak, value), cuda_peak)
-                if self.seconds is not None:
-                    self.seconds[self.current] = round(now - self.phase_t0, 4)
-            self.current, self.start_bytes, self.peak, self.phase_t0 = name, value, value, now
+                if self.seconds is not None:  # the open phase began at the last mark
+                    self.seconds[self.current] = round(now - self.profile.marks[-1][0], 4)
+            self.current, self.start_bytes, self.peak = name, value, value
         self.profile.trace.append((now, value))
         if name is not None:
             self.profile.marks.append((now, name))

@@ -145,7 +145,7 @@ class Observation:
     train: TrainStep | None = None
     # wall seconds this process spent in each phase of the case (Phase values; ranks: rank/memory.Sampler,
     # plus "startup" on a launch's first case: process start to the first case, torch import and rendezvous
-    # included; the reference: "reference", its whole case)
+    # included; the reference: "checkpoint", building it, and "reference", its plain load and observation)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
