@@ -60,7 +60,8 @@ def edit_safetensors(path: Path, case: Case, generator: torch.Generator) -> None
 
 
 def build(root: Path, case: Case) -> Path:
-    """The case's checkpoint directory, built if this run has not built it yet, from `case.model_class`."""
+    """The case's checkpoint directory, built if this run has not built it yet, from `case.checkpoint_class`
+    (when set) or `case.model_class`."""
     out = checkpoint_dir(root, case)
     if case.checkpoint:  # the user's own checkpoint: read, never written
         return out
@@ -71,7 +72,7 @@ def build(root: Path, case: Case) -> Path:
         import_all(case.imports)
         torch.manual_seed(case.seed)
         generator = torch.Generator().manual_seed(case.seed + 1)
-        model = model_class.from_config(case.model_class, case.config())
+        model = model_class.from_config(case.checkpoint_class or case.model_class, case.config())
         perturb_persistent_buffers(model, generator)
         model = model.to(getattr(torch, case.dtype))
         model.save_pretrained(out, safe_serialization=True)

@@ -1,7 +1,7 @@
 """One training step on a fixed batch: the same code on every rank and in the reference process.
 
 Every rank feeds the same batch (`batch`: token ids 0, 1, 2, ... modulo the
-vocabulary, labels = input ids), so FSDP2's average of the ranks' gradients
+vocabulary, labels = input ids, or one class per sequence for a classifier), so FSDP2's average of the ranks' gradients
 is the single-process gradient of that batch. The step is the one users run:
 forward with `labels`, the model's own loss (or transformers'
 `model.loss_function` for a model that returns none), backward, AdamW
@@ -46,8 +46,17 @@ def make_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LEARNING_RATE)
 
 
+def labels(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The labels the model's own loss takes: the token ids (LM heads, shifted or not by the model), or for a
+    sequence classifier (`*ForSequenceClassification`; FSDP2's wrapper class keeps the suffix) one class per
+    sequence, (BATCH,) int64 in [0, num_labels)."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return ids[:, 0] % model.config.num_labels
+    return ids
+
+
 def forward_loss(model: torch.nn.Module, ids: torch.Tensor, cast_outputs: Callable | None = None) -> torch.Tensor:
-    """The scalar loss of `model` on `ids` (labels = ids), after seeding the RNG (dropout).
+    """The scalar loss of `model` on `ids` (and `labels(model, ids)`), after seeding the RNG (dropout).
 
     The model's own `loss` when it computes one from `labels`; otherwise
     transformers' `model.loss_function` (ForCausalLMLoss: logits upcast to
@@ -59,7 +68,7 @@ def forward_loss(model: torch.nn.Module, ids: torch.Tensor, cast_outputs: Callab
     """
     torch.manual_seed(STEP_SEED)
     takes_labels = "labels" in inspect.signature(model.forward).parameters
-    output = model(input_ids=ids, labels=ids) if takes_labels else model(input_ids=ids)
+    output = model(input_ids=ids, labels=labels(model, ids)) if takes_labels else model(input_ids=ids)
     if cast_outputs is not None:
         output = cast_outputs(output)
     loss = getattr(output, "loss", None)

@@ -17,6 +17,7 @@ from fsdp_load_checks import model_class  # noqa: E402
 from fsdp_load_checks.catalogue import all_cases  # noqa: E402
 from fsdp_load_checks.observe import primary_output  # noqa: E402
 from fsdp_load_checks.records import PERSISTENT_BUFFER  # noqa: E402
+from fsdp_load_checks.records.case import MISSING_PARAMETERS  # noqa: E402
 from toy_models.architectures import ARCH_CASES, BASE_MODEL_CLASS, SKIPPED_ARCHS  # noqa: E402
 
 REQUIRED = (
@@ -70,7 +71,8 @@ def test_builds_tiny_and_runs(case):
 
     config = case.config()
     base = case.model_class == BASE_MODEL_CLASS
-    assert _name(config.model_type) + ("-base" if base else "") == case.name
+    head = case.checkpoint_class is not None  # a classifier on a checkpoint saved without it
+    assert _name(config.model_type) + ("-base" if base else "-seq-cls" if head else "") == case.name
     torch.manual_seed(case.seed)
     model = model_class.from_config(case.model_class, config).eval()
 
@@ -88,5 +90,23 @@ def test_builds_tiny_and_runs(case):
     with torch.no_grad():
         output, value = primary_output(model(input_ids=ids))
     assert output == ("last_hidden_state" if base else "logits")
-    assert value.shape[:2] == (2, 8)
+    assert value.shape[:2] == ((2, config.num_labels) if head else (2, 8))
     assert torch.isfinite(value).all(), f"{case.name}: non-finite {output}"
+
+
+HEAD_CASES = [c for c in ARCH_CASES if c.checkpoint_class is not None]
+
+
+def test_heads_on_other_checkpoints_are_cases():
+    assert {c.name for c in HEAD_CASES} >= {"arch-bert-seq-cls", "arch-llama-seq-cls"}
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: c.name)
+def test_a_head_case_misses_exactly_its_tagged_parameters(case, tmp_path):
+    """What the known issues select by (MISSING_PARAMETERS) is what from_pretrained reports missing."""
+    import torch
+
+    torch.manual_seed(case.seed)
+    model_class.from_config(case.checkpoint_class, case.config()).save_pretrained(tmp_path)
+    _, info = model_class.resolve(case.model_class).from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == set(case.tensors[MISSING_PARAMETERS]), info

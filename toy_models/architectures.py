@@ -1,8 +1,10 @@
 """Real transformers architectures, each built from a tiny config in code.
 
 Every case is a real architecture shipped inside the installed transformers,
-loaded through AutoModelForCausalLM, or as its base model through AutoModel
-(`arch-*-base`, `Case.model_class`); nothing is ever downloaded. Configs are
+loaded through AutoModelForCausalLM, as its base model through AutoModel
+(`arch-*-base`, `Case.model_class`), or as a classifier on a checkpoint
+saved without the head (`arch-*-seq-cls`, `Case.checkpoint_class`); nothing
+is ever downloaded. Configs are
 tiny (hidden 32, 2 layers, vocab 128, 4 experts top-2) so the whole sweep
 stays fast. Every rank imports this module, so top-level imports stay cheap:
 the config class is looked up on `transformers` only when the case's config
@@ -14,10 +16,11 @@ with the reason, so none is silently dropped.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
-from fsdp_load_checks.records.case import ROOT_NON_PERSISTENT
+from fsdp_load_checks.records.case import MISSING_PARAMETERS, ROOT_NON_PERSISTENT
 
 VOCAB = 128
 
@@ -551,6 +554,33 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     ),
 }
 
+# Heads loaded on a checkpoint saved without them, as fine-tuning starts: the head's parameters are missing from
+# the checkpoint (rank 0 initialises them, every rank must end with rank 0's values; ranks 1..N keep them on meta
+# until the broadcast). case suffix -> (model_type, config class, kwargs, the class the checkpoint is saved from,
+# the class it is loaded with, guards, the missing parameters).
+_HEAD_SPECS: dict[str, tuple[str, str, dict, str, str, str, tuple[str, ...]]] = {
+    "bert-seq-cls": (
+        "bert",
+        "BertConfig",
+        _with(_BASE_SPECS["bert"][1], num_labels=3),
+        "AutoModel",
+        "AutoModelForSequenceClassification",
+        "a classifier on an encoder checkpoint (BertForSequenceClassification from a BertModel save): "
+        "classifier weight and bias missing",
+        ("classifier.weight", "classifier.bias"),
+    ),
+    "llama-seq-cls": (
+        "llama",
+        "LlamaConfig",
+        _with(DECODER, num_labels=3),
+        "AutoModelForCausalLM",
+        "AutoModelForSequenceClassification",
+        "a classifier on a causal-LM checkpoint (LlamaForSequenceClassification from a LlamaForCausalLM save): "
+        "score missing, lm_head unexpected",
+        ("score.weight",),
+    ),
+}
+
 # model_type -> why it is not a case
 SKIPPED_ARCHS: dict[str, str] = {
     # builds tiny and loads fine, left out only because another case already covers the same path
@@ -611,6 +641,11 @@ def _available_cases() -> list[Case]:
             if root_buffers:
                 case = case.with_tags(tensors={ROOT_NON_PERSISTENT: root_buffers})
             cases.append(case)
+    for name, (model_type, cls_name, kw, saved_as, loaded_as, guards, missing) in _HEAD_SPECS.items():
+        if cls_name in installed:
+            case = _case(model_type, cls_name, kw, guards, False, model_class=loaded_as)
+            cases.append(replace(case, name=f"arch-{name}", checkpoint_class=saved_as).with_tags(
+                tensors={MISSING_PARAMETERS: missing}))
     return cases
 
 

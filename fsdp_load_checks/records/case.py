@@ -43,9 +43,12 @@ class Case:
     tensors: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     fault: str | None = None  # harness self-tests: a fault to inject into one rank (fsdp_load_checks/rank/faults.py)
     checkpoint: str | None = None  # a user's checkpoint directory (`fsdp-load-checks check PATH`): nothing is built
-    # the class every process builds and loads it with, by name (fsdp_load_checks/model_class.py): an Auto class
+    # the class every process loads it with (and builds it from, unless `checkpoint_class`), by name (fsdp_load_checks/model_class.py): an Auto class
     # (`AutoModel`) or a model class (`BertModel`); the name, since this layer never imports transformers
     model_class: str = "AutoModelForCausalLM"
+    # the class the checkpoint is built and saved from, when it is not `model_class`: a head loaded on a checkpoint
+    # saved without it (a classifier on a base model or a causal LM), as fine-tuning scripts do
+    checkpoint_class: str | None = None
     # the accelerate config this case runs under (a shipped name or a path); None: the run's --accelerate-config
     accelerate_config: str | None = None
     checkpoint_of: str | None = None  # the case whose checkpoint this one loads (a variant shares it)
