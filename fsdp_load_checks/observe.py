@@ -111,6 +111,16 @@ def forward_input(vocab_size: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(BATCH * SEQ) % vocab_size).view(BATCH, SEQ).to(device)
 
 
+def model_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forward's keyword inputs for (BATCH, SEQ) token ids: `input_ids`, and for an encoder-decoder
+    (`config.is_encoder_decoder`: T5, BART) the same ids as `decoder_input_ids`. A vision-language model gets
+    text only (no pixel inputs: its language model and projector path, not the vision tower)."""
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return inputs
+
+
 # The output the forward check compares, by the first of these a model returns: a head's logits (causal LM,
 # classifier, MLM), else a base model's last hidden state (AutoModel: LlamaModel, BertModel, ...).
 PRIMARY_OUTPUTS = ("logits", "last_hidden_state")
@@ -137,7 +147,7 @@ def forward_output(
     policy's output_dtype).
     """
     vocab = model.config.get_text_config().vocab_size
-    name, value = primary_output(model(input_ids=forward_input(vocab, device)))
+    name, value = primary_output(model(**model_inputs(model, forward_input(vocab, device))))
     value = value.detach()
     if output_dtype is not None:
         value = value.to(output_dtype)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from fsdp_load_checks.observe import primary_output, record
+from fsdp_load_checks.observe import model_inputs, primary_output, record
 from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
 
 LEARNING_RATE = 1e-3
@@ -68,7 +68,8 @@ def forward_loss(model: torch.nn.Module, ids: torch.Tensor, cast_outputs: Callab
     """
     torch.manual_seed(STEP_SEED)
     takes_labels = "labels" in inspect.signature(model.forward).parameters
-    output = model(input_ids=ids, labels=labels(model, ids)) if takes_labels else model(input_ids=ids)
+    inputs = model_inputs(model, ids)
+    output = model(**inputs, labels=labels(model, ids)) if takes_labels else model(**inputs)
     if cast_outputs is not None:
         output = cast_outputs(output)
     loss = getattr(output, "loss", None)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fsdp_load_checks import model_class  # noqa: E402
 from fsdp_load_checks.catalogue import all_cases  # noqa: E402
-from fsdp_load_checks.observe import primary_output  # noqa: E402
+from fsdp_load_checks.observe import model_inputs, primary_output  # noqa: E402
 from fsdp_load_checks.records import PERSISTENT_BUFFER  # noqa: E402
 from fsdp_load_checks.records.case import MISSING_PARAMETERS  # noqa: E402
 from toy_models.architectures import ARCH_CASES, BASE_MODEL_CLASS, SKIPPED_ARCHS  # noqa: E402
@@ -72,7 +72,8 @@ def test_builds_tiny_and_runs(case):
     config = case.config()
     base = case.model_class == BASE_MODEL_CLASS
     head = case.checkpoint_class is not None  # a classifier on a checkpoint saved without it
-    assert _name(config.model_type) + ("-base" if base else "-seq-cls" if head else "") == case.name
+    assert case.name.startswith(_name(config.model_type))
+    assert case.name.endswith("-base") == base and case.name.endswith("-seq-cls") == head
     torch.manual_seed(case.seed)
     model = model_class.from_config(case.model_class, config).eval()
 
@@ -88,7 +89,7 @@ def test_builds_tiny_and_runs(case):
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.arange(16).view(2, 8) % vocab
     with torch.no_grad():
-        output, value = primary_output(model(input_ids=ids))
+        output, value = primary_output(model(**model_inputs(model, ids)))
     assert output == ("last_hidden_state" if base else "logits")
     assert value.shape[:2] == ((2, config.num_labels) if head else (2, 8))
     assert torch.isfinite(value).all(), f"{case.name}: non-finite {output}"

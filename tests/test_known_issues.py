@@ -26,6 +26,7 @@ from fsdp_load_checks.records.case import (
     MIXED_PRECISION,
     PERSISTENT_BUFFER,
     TIED,
+    TIED_BEYOND_EMBEDDINGS,
 )
 
 NEWEST = {"transformers": "5.24.0", "accelerate": "1.15.0"}
@@ -172,3 +173,26 @@ def test_missing_parameters_colliding_in_the_optimizer_map_is_expected_only_for_
     one = case(tensors={MISSING_PARAMETERS: ("lm_head.weight",)})  # nothing to collide with
     assert classify(one, lost(rank=1, tensor="lm_head.weight"), check="train-step").status == Status.FAILED
     assert classify(two, check="train-step").status == Status.FAILED  # stale: every rank's optimizer held them
+
+
+def test_a_tie_beyond_the_embeddings_raising_at_the_first_forward_is_expected_on_accelerate_1_15_only():
+    from fsdp_load_checks.known_issues import TIED_IN_TWO_GROUPS_MESSAGE
+
+    def raised(name: str, check: str, phase=Phase.FORWARD) -> Problem:
+        return Problem(check, "c", ProblemKind.RAISED, rank=0,
+                       failure=Failure(0, phase, "ValueError", TIED_IN_TWO_GROUPS_MESSAGE.format(name), "tb"))
+
+    stack = {**NEWEST, "torch": "2.13.0"}
+    t5 = case(tensors={TIED_BEYOND_EMBEDDINGS: ("shared.weight",)})
+    for check in ("forward", "state-dict", "train-step"):  # the forward raises; nothing after it runs
+        outcome = classify(t5, raised("shared.weight", check), check=check, versions=stack)
+        assert outcome.status == Status.XFAILED, check
+        assert outcome.issues[0].key == "accelerate-ties-beyond-embeddings-two-fsdp-groups"
+    assert classify(t5, raised("model.layers.0.weight", "forward"), check="forward", versions=stack).status == Status.FAILED
+    assert classify(t5, raised("shared.weight", "forward", Phase.OBSERVE), check="forward",
+                    versions=stack).status == Status.FAILED
+    assert classify(case(), raised("shared.weight", "forward"), check="forward", versions=stack).status == Status.FAILED
+    on_1_14 = {**stack, "accelerate": "1.14.0"}  # the tail group without the output embedding: another entry's
+    assert "accelerate-ties-beyond-embeddings-two-fsdp-groups" not in {
+        k.key for k in classify(t5, raised("shared.weight", "forward"), check="forward", versions=on_1_14).issues}
+    assert classify(t5, check="forward", versions=stack).status == Status.FAILED  # stale: the forward ran

@@ -2,7 +2,9 @@
 
 Every case is a real architecture shipped inside the installed transformers,
 loaded through AutoModelForCausalLM, as its base model through AutoModel
-(`arch-*-base`, `Case.model_class`), or as a classifier on a checkpoint
+(`arch-*-base`, `Case.model_class`), as another class (masked LM, seq2seq,
+vision-language: `arch-bert-mlm`, `arch-t5`, `arch-bart`, `arch-qwen2-vl`),
+or as a classifier on a checkpoint
 saved without the head (`arch-*-seq-cls`, `Case.checkpoint_class`); nothing
 is ever downloaded. Configs are
 tiny (hidden 32, 2 layers, vocab 128, 4 experts top-2) so the whole sweep
@@ -20,7 +22,7 @@ from dataclasses import replace
 from functools import partial
 
 from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
-from fsdp_load_checks.records.case import MISSING_PARAMETERS, ROOT_NON_PERSISTENT
+from fsdp_load_checks.records.case import MISSING_PARAMETERS, ROOT_NON_PERSISTENT, TIED_BEYOND_EMBEDDINGS
 
 VOCAB = 128
 
@@ -554,6 +556,61 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     ),
 }
 
+# Other model classes than causal LMs, each saved and loaded as its own class (`Case.model_class`): the forward
+# feeds input_ids (and the same ids as decoder_input_ids to an encoder-decoder) and compares the logits.
+# case name suffix -> (model_type, config class, kwargs, the class, guards, has a persistent buffer, the parameter
+# tied beyond the embeddings as torch's FSDP2 names it (TIED_BEYOND_EMBEDDINGS))
+_CLASS_SPECS: dict[str, tuple[str, str, dict, str, str, bool, str]] = {
+    "bert-mlm": (
+        "bert",
+        "BertConfig",
+        _BASE_SPECS["bert"][1],
+        "AutoModelForMaskedLM",
+        "an encoder MLM (BertForMaskedLM): the decoder tied to the word embeddings across modules, its bias to "
+        "cls.predictions.bias",
+        False,
+        "None",  # the decoder bias is cls.predictions.bias: torch's check finds no name for it
+    ),
+    "t5": (
+        "t5",
+        "T5Config",
+        dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+             pad_token_id=0),
+        "AutoModelForSeq2SeqLM",
+        "a seq2seq model (T5ForConditionalGeneration): encoder, decoder and lm_head tied to one shared embedding, "
+        "relative attention bias",
+        False,
+        "shared.weight",
+    ),
+    "bart": (
+        "bart",
+        "BartConfig",
+        dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+             pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+        "AutoModelForSeq2SeqLM",
+        "a seq2seq model (BartForConditionalGeneration): lm_head tied to the shared embedding, persistent "
+        "final_logits_bias buffer",
+        True,
+        "",
+    ),
+    "qwen2-vl": (
+        "qwen2_vl",
+        "Qwen2VLConfig",
+        dict(
+            text_config=_with(DECODER, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=120, video_token_id=121, vision_start_token_id=122, bos_token_id=1, eos_token_id=2,
+        ),
+        "AutoModelForImageTextToText",
+        "a vision-language model (Qwen2VLForConditionalGeneration), text-only pass: the vision tower loaded and "
+        "sharded beside the language model, M-RoPE",
+        False,
+        "",
+    ),
+}
+
 # Heads loaded on a checkpoint saved without them, as fine-tuning starts: the head's parameters are missing from
 # the checkpoint (rank 0 initialises them, every rank must end with rank 0's values; ranks 1..N keep them on meta
 # until the broadcast). case suffix -> (model_type, config class, kwargs, the class the checkpoint is saved from,
@@ -641,6 +698,12 @@ def _available_cases() -> list[Case]:
             if root_buffers:
                 case = case.with_tags(tensors={ROOT_NON_PERSISTENT: root_buffers})
             cases.append(case)
+    for name, (model_type, cls_name, kw, loaded_as, guards, persistent, tied) in _CLASS_SPECS.items():
+        if cls_name in installed:
+            case = replace(_case(model_type, cls_name, kw, guards, persistent, model_class=loaded_as), name=f"arch-{name}")
+            cases.append(case.with_tags(tensors={TIED_BEYOND_EMBEDDINGS: (tied,)}) if tied else case)
+        else:
+            SKIPPED_ARCHS.setdefault(name, f"{cls_name} is not in the installed transformers {transformers.__version__}")
     for name, (model_type, cls_name, kw, saved_as, loaded_as, guards, missing) in _HEAD_SPECS.items():
         if cls_name in installed:
             case = _case(model_type, cls_name, kw, guards, False, model_class=loaded_as)

@@ -2,7 +2,7 @@
 
 For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
-transformers, and changes six things (T2, T3, T4, A1, A2, A4), each separately
+transformers, and changes seven things (T2, T3, T4, A1, A2, A4, A5), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
 as "the fixed loader, except this piece", showing only its own symptom
 (A3 applies under a mixed-precision accelerate config only). The patches
@@ -30,6 +30,10 @@ prepared model is saved:
   A3  accelerate `fsdp2_prepare_model` under mixed precision (1.14+): ranks 1..N get
       uncommitted fp32 placeholders for the parameters it upcasts, instead of an fp32
       copy of weights the broadcast replaces (`upcast_placeholders`).
+  A5  accelerate `fsdp2_prepare_model` (1.14+): every module that holds a parameter of the
+      tail group it carves (input and output embeddings, final norm) joins that group, so a
+      parameter tied beyond the embeddings (T5's `embed_tokens`, BERT-MLM's decoder bias) is in
+      one FSDP group only (`tied_holders`).
   A4  accelerate `Accelerator.get_state_dict` under FSDP2: one tensor per parameter (tied
       names share it, as `nn.Module.state_dict()` does, so `save_pretrained` stores the tie
       once) in the dtype the model was loaded in (not the fp32 master copy mixed precision
@@ -88,6 +92,8 @@ class Variant:
     # accelerate re-registers each rank's non-persistent buffers with persistent=False; False: with
     # register_buffer's default (persistent), so they enter every state dict
     non_persistent_stay_non_persistent: bool = True
+    # A5: every module holding a parameter of accelerate's tail group (embeddings, output head) joins that group
+    group_ties: bool = True
 
 
 FIXED = Variant()
@@ -294,12 +300,17 @@ def _prepare_model(variant: Variant, installed):
         """
         from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(model, FSDPModule) or not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+        if isinstance(model, FSDPModule):
             return installed(accelerator, model)
+        if not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            with _tied_holders_grouped(model) if variant.group_ties else contextlib.nullcontext():
+                return installed(accelerator, model)
         groups = non_persistent_groups(model)  # before accelerate's model.to("meta") splits shared ones
         dtypes = loaded_dtypes(model)  # A4: before the mixed-precision upcast
         mixed = accelerator.mixed_precision != "no"
         with contextlib.ExitStack() as stack:
+            if variant.group_ties:
+                stack.enter_context(_tied_holders_grouped(model))  # A5
             if not variant.retie:
                 stack.enter_context(_ties_skipped(model))
             if mixed and not variant.fp32_master_weights:
@@ -325,6 +336,48 @@ def _prepare_model(variant: Variant, installed):
         return model
 
     return fsdp2_prepare_model
+
+
+def tied_holders(model, modules: list) -> list:
+    """`modules` (one FSDP group) and every other module of `model` that directly holds one of their parameters,
+    with any module whose ancestor is in the list dropped (the ancestor's group covers it). A5.
+
+    Raises nothing; a holder already sharded in a group of its own is left out (its tie stays split)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    params = {id(p) for m in modules for p in m.parameters()}
+    group = list(modules)
+    for holder in model.modules():
+        if holder is model or isinstance(holder, FSDPModule) or any(holder is m for m in group):
+            continue
+        if any(id(p) in params for p in holder.parameters(recurse=False)):
+            group.append(holder)
+    return [m for m in group if not any(a is not m and any(m is d for d in a.modules()) for a in group)]
+
+
+@contextlib.contextmanager
+def _tied_holders_grouped(model) -> Iterator[None]:
+    """A5: accelerate (1.14+) carves a tail group `fully_shard([final_norm, input_embed, output_embed])`; every
+    other module holding one of its parameters joins that group (`tied_holders`), so no parameter is visible to
+    two FSDP groups, which torch 2.13 refuses at the first forward: T5's encoder and decoder `embed_tokens` share
+    `shared.weight`; BertForMaskedLM's decoder bias is `cls.predictions.bias`.
+
+    accelerate imports `fully_shard` from `torch.distributed.fsdp` when `fsdp2_prepare_model` runs, so the
+    module attribute is swapped for the duration."""
+    import torch.distributed.fsdp as fsdp
+
+    installed = fsdp.fully_shard
+
+    def fully_shard(module, *args, **kwargs):
+        if isinstance(module, (list, tuple)):
+            module = tied_holders(model, list(module))
+        return installed(module, *args, **kwargs)
+
+    fsdp.fully_shard = fully_shard
+    try:
+        yield
+    finally:
+        fsdp.fully_shard = installed
 
 
 @contextlib.contextmanager

@@ -18,6 +18,9 @@ ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persisten
 USER = "user"  # a user's checkpoint directory
 MIXED_PRECISION = "mixed-precision"  # the case runs under a mixed-precision accelerate config (Case.under)
 TIED = "tied-parameters"  # the plain load ties parameters (one tensor under several names); tensors: those names
+# a parameter tied beyond the input/output embedding pair (T5's encoder/decoder embed_tokens, BERT-MLM's decoder
+# bias); tensors: the name torch's FSDP2 error gives it ("None" when torch finds none)
+TIED_BEYOND_EMBEDDINGS = "tied-beyond-embeddings"
 # parameters (untied) the checkpoint lacks: ranks 1..N keep them on meta (transformers 5.x); tensors: those names
 MISSING_PARAMETERS = "missing-parameters"
 
