@@ -37,6 +37,7 @@ from fsdp_load_checks.records import (
 )
 from fsdp_load_checks.records.case import (
     BIG,
+    CONVERTED_ON_LOAD,
     FORGOTTEN_BUFFER,
     FORGOTTEN_FLOAT_BUFFER,
     MISSING_PARAMETERS,
@@ -148,6 +149,16 @@ WRONG_LOGITS = Symptom(kinds=frozenset({ProblemKind.LOGITS}))
 # the non-rank-0 branch wrote into every parameter and buffer. Multiples above 1.5x are another bug.
 WHOLE_MODEL_ON_A_RECEIVING_RANK = Symptom(
     kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FROM_PRETRAINED, loading=False, multiple=(0.9, 1.5)
+)
+# A rank that only receives stacking a MoE's experts from the checkpoint's per-expert tensors: the experts' bytes
+# (big-qwen3-moe, experts 85% of the model: 0.94x on 5.24.0 and 5.5.4)
+CONVERTED_WEIGHTS_ON_A_RECEIVING_RANK = Symptom(
+    kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FROM_PRETRAINED, loading=False, multiple=(0.7, 1.2)
+)
+# ... on top of the zeros_like era's whole-model placeholders: both (big-qwen3-moe on 5.6.0: 1.79-1.81x)
+WHOLE_MODEL_AND_CONVERTED_WEIGHTS = Symptom(
+    kinds=frozenset({ProblemKind.MEMORY}), phase=Phase.FROM_PRETRAINED, loading=False, multiple=(1.6, 2.3),
+    when_tagged=CONVERTED_ON_LOAD,
 )
 # Under mixed precision, a rank that only receives committing an fp32 copy of a 16-bit model on top of its shard
 # during preparation: 2x the model's bytes for the copy + 0.5-1x for its shard and one tensor in flight.
@@ -279,6 +290,20 @@ KNOWN_ISSUES = [
         },
     ),
     KnownIssue(
+        key="converted-weights-on-receiving-ranks",
+        url="https://github.com/huggingface/transformers/issues/43749",
+        title=(
+            "transformers 5.x converts the checkpoint's tensors into the model's layout on every rank "
+            "(core_model_loading.WeightConverter: a MoE's per-expert weights stacked into 3-D parameters), also on "
+            "ranks 1..N whose values the broadcast replaces: a rank that only receives commits the converted weights' "
+            "bytes during from_pretrained (Qwen3-30B-A3B, transformers issue 43749; fixed loader: T5)"
+        ),
+        package="transformers",
+        affected=">=5.0.0",  # the converters came with 5.0; 5.6-5.22's zeros_like placeholders add the whole model
+        selects=_tagged(CONVERTED_ON_LOAD),
+        symptoms={"memory": (CONVERTED_WEIGHTS_ON_A_RECEIVING_RANK,)},
+    ),
+    KnownIssue(
         key="zeros-like-era-memory",
         url="https://github.com/huggingface/transformers/pull/45649",
         title=(
@@ -290,7 +315,7 @@ KNOWN_ISSUES = [
         package="transformers",
         affected=">=5.6.0,<5.23.0",
         selects=_tagged(BIG),
-        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},
+        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK, WHOLE_MODEL_AND_CONVERTED_WEIGHTS)},
     ),
     KnownIssue(
         key="mixed-precision-upcast-on-receiving-ranks",
@@ -417,7 +442,7 @@ KNOWN_ISSUES = [
         package="transformers",
         affected=">=5.0.0,<5.4.0",
         selects=_tagged(BIG),
-        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},
+        symptoms={"memory": (WHOLE_MODEL_ON_A_RECEIVING_RANK,)},  # big-qwen3-moe too: 1.01x on 5.3.0
     ),
 ]
 

@@ -21,6 +21,7 @@ from fsdp_load_checks.records import (
 )
 from fsdp_load_checks.records.case import (
     BIG,
+    CONVERTED_ON_LOAD,
     FORGOTTEN_BUFFER,
     MISSING_PARAMETERS,
     MIXED_PRECISION,
@@ -82,6 +83,23 @@ def test_a_numeric_range_bounds_the_memory_symptom():
     assert classify(case(BIG), excess(0.5), check="memory", versions=era).status == Status.FAILED
     assert classify(case(BIG), excess(2.0), check="memory", versions=era).status == Status.FAILED  # held twice: another bug
     assert classify(case(BIG), excess(1.0, loading=True), check="memory", versions=era).status == Status.FAILED
+
+
+def test_converted_weights_on_a_receiving_rank_are_expected_alone_now_and_on_top_of_an_era_placeholders():
+    def excess(multiple: float, loading: bool = False) -> Problem:
+        return Problem("memory", "c", ProblemKind.MEMORY, rank=1,
+                       memory=MemoryExcess(Phase.FROM_PRETRAINED, int(multiple * 100 * MiB), 100 * MiB, 0.1, loading,
+                                           "RssAnon"))
+
+    moe = case(BIG, CONVERTED_ON_LOAD)
+    outcome = classify(moe, excess(0.94), check="memory")  # 5.24: the stacked experts alone
+    assert outcome.status == Status.XFAILED and outcome.issues[0].key == "converted-weights-on-receiving-ranks"
+    assert classify(moe, excess(1.81), check="memory").status == Status.FAILED  # twice the experts: another bug
+    assert classify(moe, excess(0.94, loading=True), check="memory").status == Status.FAILED
+    assert classify(case(BIG), excess(0.94), check="memory").status == Status.FAILED  # a dense model converts nothing
+    zeros_era = {"transformers": "5.6.0"}  # zeros_like placeholders (1x) + the stacked experts
+    assert classify(moe, excess(1.81), check="memory", versions=zeros_era).status == Status.XFAILED
+    assert classify(case(BIG), excess(1.81), check="memory", versions=zeros_era).status == Status.FAILED
 
 
 def test_a_tag_symptom_matches_exactly_the_tensors_the_case_names():

@@ -6,6 +6,7 @@ from functools import partial
 
 from fsdp_load_checks.records import BIG, PERSISTENT_BUFFER, Case
 from fsdp_load_checks.records.case import (
+    CONVERTED_ON_LOAD,
     FORGOTTEN_BUFFER,
     FORGOTTEN_FLOAT_BUFFER,
     SHARED_NON_PERSISTENT,
@@ -24,6 +25,18 @@ def toy(name: str, guards: str, dtype: str = "float32", *, persistent: bool = Fa
 
 # the memory size class: one shape for both dtypes
 BIG_LLAMA = dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8)
+# the memory size class for a MoE: a real Qwen3-MoE, 16 experts top-2 (~236 MiB fp32); save_pretrained writes one
+# tensor per expert, which from_pretrained stacks into 3-D parameters
+BIG_QWEN3_MOE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=16, num_experts_per_tok=2,
+                     moe_intermediate_size=512, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2)
+
+
+def _transformers_config(cls_name: str, **kw):
+    import transformers
+
+    return getattr(transformers, cls_name)(**kw)
 
 TOY_CASES = [
     toy("llama-rope", "non-persistent RoPE inv_freq/original_inv_freq must be recomputed on every rank (untied)"),
@@ -91,4 +104,10 @@ TOY_CASES = [
         "bfloat16",
         **BIG_LLAMA,
     ).with_tags(BIG),
+    Case(
+        "big-qwen3-moe",
+        "the memory size class for a MoE (~236 MiB fp32, real Qwen3-MoE): ranks that only receive must not commit "
+        "the experts stacked from the checkpoint's per-expert tensors (transformers issue 43749)",
+        partial(_transformers_config, "Qwen3MoeConfig", **BIG_QWEN3_MOE),
+    ).with_tags(BIG, CONVERTED_ON_LOAD),
 ]

@@ -2,7 +2,7 @@
 
 For transformers 5.23+ and accelerate 1.10+; docs/fixed-loader.md walks
 through it for a fork maintainer. It relies on T1, which is the installed
-transformers, and changes seven things (T2, T3, T4, A1, A2, A4, A5), each separately
+transformers, and changes eight things (T2, T3, T4, T5, A1, A2, A4, A5), each separately
 switchable (`Variant`) so `regressions.py` can re-create each historical bug
 as "the fixed loader, except this piece", showing only its own symptom
 (A3 applies under a mixed-precision accelerate config only). The patches
@@ -18,6 +18,9 @@ prepared model is saved:
   T4  ranks 1..N: parameters the checkpoint lacks get their own uncommitted storage
       instead of staying on meta, where they all share `data_ptr() == 0` and collide
       in accelerate's optimizer mapping (`give_missing_parameters_storage`).
+  T5  ranks 1..N: checkpoint-to-model conversions (MoE experts stacked into 3-D parameters)
+      run on meta, for their shapes, and each result gets uncommitted storage, instead of a
+      converted copy of weights the broadcast replaces (`uncommitted_like`).
   T3  every rank: a buffer tensor registered under several names is materialised
       once and set under every name (transformers and accelerate both dedupe
       buffers by identity and leave the other names on meta).
@@ -48,6 +51,7 @@ this module before they need either.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import weakref
@@ -94,6 +98,8 @@ class Variant:
     non_persistent_stay_non_persistent: bool = True
     # A5: every module holding a parameter of accelerate's tail group (embeddings, output head) joins that group
     group_ties: bool = True
+    # T5: ranks 1..N run checkpoint conversions (MoE experts stacked) on meta and keep uncommitted results
+    convert_shapes_only: bool = True
 
 
 FIXED = Variant()
@@ -126,6 +132,9 @@ def patched(variant: Variant) -> Iterator[None]:
         _swap(accelerate.accelerator.Accelerator, "get_state_dict",
               _get_state_dict(variant, accelerate.accelerator.Accelerator.get_state_dict)),
     ]
+    converter = getattr(importlib.import_module("transformers.core_model_loading"), "WeightConverter", None)
+    if variant.convert_shapes_only and converter is not None:  # T5 (the class exists from transformers 5.0)
+        undo.append(_swap(converter, "convert", _convert(converter.convert)))
     try:
         yield
     finally:
@@ -138,6 +147,48 @@ def _non_loading_rank() -> bool:
     from transformers import modeling_utils
 
     return modeling_utils.is_fsdp_enabled() and not modeling_utils.is_local_dist_rank_0()
+
+
+# --- transformers: WeightConverter.convert (T5) ---
+
+
+def _convert(installed):
+    def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None):
+        """T5: on ranks 1..N a checkpoint-to-model conversion (MoE experts stacked into 3-D parameters, q/k/v
+        fused) runs on meta, for its shapes only, and each result gets uncommitted storage: its values are never
+        read (the broadcast replaces them), where the installed conversion commits a full copy of the converted
+        weights on every rank (transformers issue 43749)."""
+        if hf_quantizer is not None or not _non_loading_rank():
+            return installed(self, layer_name, model, config, hf_quantizer, loading_info)
+        with _materialized_on_meta(type(self)):
+            converted = installed(self, layer_name, model, config, hf_quantizer, loading_info)
+        return {name: uncommitted_like(t) for name, t in converted.items()}
+
+    return convert
+
+
+@contextlib.contextmanager
+def _materialized_on_meta(converter_cls) -> Iterator[None]:
+    """The converter's collected checkpoint tensors arrive as meta tensors (shape and dtype, no data)."""
+    installed = converter_cls.materialize_tensors
+
+    def materialize_tensors(self):
+        return {key: [t.to("meta") for t in tensors] for key, tensors in installed(self).items()}
+
+    converter_cls.materialize_tensors = materialize_tensors
+    try:
+        yield
+    finally:
+        converter_cls.materialize_tensors = installed
+
+
+def uncommitted_like(tensor):
+    """A meta tensor's CPU twin from `torch.empty` (no page touched, so no memory committed); others as they are."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_meta:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype)
 
 
 # --- transformers: PreTrainedModel._move_missing_keys_from_meta_to_device (T1, T2, T3) ---

@@ -21,6 +21,9 @@ TIED = "tied-parameters"  # the plain load ties parameters (one tensor under sev
 # a parameter tied beyond the input/output embedding pair (T5's encoder/decoder embed_tokens, BERT-MLM's decoder
 # bias); tensors: the name torch's FSDP2 error gives it ("None" when torch finds none)
 TIED_BEYOND_EMBEDDINGS = "tied-beyond-embeddings"
+# transformers converts the checkpoint's tensors into the model's on load (core_model_loading.WeightConverter: a
+# MoE's experts saved one tensor per expert, stacked into 3-D parameters)
+CONVERTED_ON_LOAD = "converted-on-load"
 # parameters (untied) the checkpoint lacks: ranks 1..N keep them on meta (transformers 5.x); tensors: those names
 MISSING_PARAMETERS = "missing-parameters"
 
