@@ -261,8 +261,9 @@ def _compare_all(got: dict[str, TensorRecord], want: dict[str, TensorRecord], ra
     """Every key of `want` in `got` and nothing more, each equal (bit for bit, or within `tolerance(dtype)`).
 
     A key `got` has beyond `want` that is one name of a tie (`ties`) holding
-    the same bytes as another name of it present in both is a TIED_COPY: the
-    tie was written as two tensors where `want` stores one.
+    the same bytes as another name of it present in both (or, for a file
+    whose keys are renamed from the model's, as any key present in both) is
+    a TIED_COPY: the tie was written as two tensors where `want` stores one.
     """
     problems = []
     problem = partial(Problem, check, case, rank=rank, quantity=quantity, against=against)
@@ -271,6 +272,11 @@ def _compare_all(got: dict[str, TensorRecord], want: dict[str, TensorRecord], ra
     for name in [n for n in got if n not in want]:
         twin = next((other for tie in ties if name in tie for other in tie
                      if other != name and other in want and other in got and got[other].digest == got[name].digest), None)
+        if twin is None and any(name in tie for tie in ties):
+            # a file's keys may be renamed from the model's (a VLM's save writes its legacy layout): the tie's other
+            # name is then the key both hold with the same bytes
+            twin = next((other for other in got if other != name and other in want
+                         and got[other].digest == got[name].digest), None)
         if twin is not None:
             problems.append(problem(ProblemKind.TIED_COPY, tensor=name, tensor_kind=got[name].kind, got=twin))
         else:

@@ -325,6 +325,22 @@ def test_state_dict_tells_a_tie_saved_twice_from_an_unexpected_key():
     )
 
 
+def test_state_dict_pairs_a_tie_saved_twice_under_a_file_key_renamed_from_the_model_name():
+    # a vision-language model's save writes its legacy layout: the model's `w` is the file's `legacy.w`
+    ref = observation(-1, ties=[("w", "head.w")])
+    ref.state_dict["head.w"] = ref.state_dict["w"]
+    ref.saved["legacy.w"] = ref.saved.pop("w")
+    copy = reload_of(ref)
+    copy.saved["head.w"] = copy.saved["legacy.w"]
+    copy.saved["other"] = copy.saved["legacy.w"]  # the same bytes under a name no tie has: still unexpected
+    run = run_of(observation(0, state_dict=dict(ref.state_dict), round_trip=dict(ref.state_dict)), observation(1),
+                 reload=copy)
+    assert sorted((p.kind, p.tensor, p.got) for p in found("state-dict", run, ref)) == [
+        (ProblemKind.TIED_COPY, "head.w", "legacy.w"),
+        (ProblemKind.UNEXPECTED, "other", ""),
+    ]
+
+
 def test_state_dict_flags_a_save_that_does_not_load_back():
     failure = Failure(-1, Phase.RELOAD, "OSError", "no file named model.safetensors", "tb")
     assert problems("state-dict", run_of(observation(0), observation(1), reload=Reload(failure=failure)), REF) == [

@@ -3,7 +3,7 @@
 Every case is a real architecture shipped inside the installed transformers,
 loaded through AutoModelForCausalLM, as its base model through AutoModel
 (`arch-*-base`, `Case.model_class`), as another class (masked LM, seq2seq,
-vision-language: `arch-bert-mlm`, `arch-t5`, `arch-bart`, `arch-qwen2-vl`),
+vision-language: `arch-bert-mlm`, `arch-t5`, `arch-bart`, `arch-qwen2-vl`, ...),
 or as a classifier on a checkpoint
 saved without the head (`arch-*-seq-cls`, `Case.checkpoint_class`); nothing
 is ever downloaded. Configs are
@@ -556,6 +556,12 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     ),
 }
 
+# tiny vision towers for the vision-language cases (28x28 images, 14x14 patches)
+_CLIP_NO_PROJ = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                     patch_size=14)
+_CLIP = _with(_CLIP_NO_PROJ, projection_dim=32)
+_SIGLIP = _CLIP_NO_PROJ
+
 # Other model classes than causal LMs, each saved and loaded as its own class (`Case.model_class`): the forward
 # feeds input_ids (and the same ids as decoder_input_ids to an encoder-decoder) and compares the logits.
 # case name suffix -> (model_type, config class, kwargs, the class, guards, has a persistent buffer, the parameter
@@ -594,6 +600,28 @@ _CLASS_SPECS: dict[str, tuple[str, str, dict, str, str, bool, str]] = {
         True,
         "",
     ),
+    **{
+        name: (model_type, cls_name, kw, "AutoModelForImageTextToText",
+               f"a vision-language model ({cls_name.replace('Config', 'ForConditionalGeneration')}), text-only pass: "
+               f"{what}", False, "")
+        for name, (model_type, cls_name, kw, what) in {
+            "llava": ("llava", "LlavaConfig", dict(
+                text_config=dict(model_type="llama", **DECODER), vision_config=dict(model_type="clip_vision_model", **_CLIP),
+                image_token_index=120, vision_feature_layer=-1), "a CLIP tower and a projector beside a Llama"),
+            "idefics3": ("idefics3", "Idefics3Config", dict(
+                text_config=dict(model_type="llama", **DECODER), vision_config=_SIGLIP, image_token_id=120, scale_factor=2),
+                "a SigLIP-style tower and a pixel-shuffle connector beside a Llama"),
+            "mistral3": ("mistral3", "Mistral3Config", dict(
+                text_config=dict(model_type="mistral", head_dim=8, **DECODER),
+                vision_config=dict(model_type="pixtral", head_dim=8, **_CLIP_NO_PROJ), image_token_index=120,
+                spatial_merge_size=2, vision_feature_layer=-1), "a Pixtral tower and a patch merger beside a Mistral"),
+            "gemma3": ("gemma3", "Gemma3Config", dict(
+                text_config=dict(model_type="gemma3_text", head_dim=8, **DECODER),
+                vision_config=dict(model_type="siglip_vision_model", **_SIGLIP), mm_tokens_per_image=4,
+                image_token_index=120, boi_token_index=121, eoi_token_index=122),
+                "a SigLIP tower beside Gemma 3 (sliding and full attention, tied head)"),
+        }.items()
+    },
     "qwen2-vl": (
         "qwen2_vl",
         "Qwen2VLConfig",
@@ -650,7 +678,11 @@ SKIPPED_ARCHS: dict[str, str] = {
     "cohere2": "builds tiny; sliding/full Cohere variant of arch-cohere",
     "olmo3": "builds tiny; sliding/full Olmo2 variant, RoPE pattern covered by arch-gemma3-text",
     # composite (text + vision) configs: their text model is already a case
-    "gemma3": "AutoModelForCausalLM maps it to Gemma3ForConditionalGeneration (vision tower); text model is arch-gemma3-text",
+    "paligemma": (
+        "builds tiny; its training forward needs token_type_ids (the prefix mask) on transformers 5.6.0 (not "
+        "5.24.0), which the text-only step does not feed; a SigLIP tower and a tied Gemma head are covered by "
+        "arch-gemma3"
+    ),
     "llama4": "composite Llama4Config (text_config + vision_config); its text model is arch-llama4-text",
 }
 
