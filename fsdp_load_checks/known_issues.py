@@ -468,11 +468,19 @@ TIED_INPUT_EMBEDDINGS = (  # the zoo's tied cases by layout (acc1140, 29 cases)
     "bert.embeddings.word_embeddings.weight",  # BERT-MLM
     "shared.weight",  # T5
 )
-TIED_IN_TWO_GROUPS = tuple(
-    Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError", message=TIED_IN_TWO_GROUPS_MESSAGE.format(n),
-            phase=Phase.FORWARD)
-    for n in TIED_INPUT_EMBEDDINGS
-)
+# checks a forward that raises fails: its own, and the after-loading ones that never run
+FORWARD_AND_AFTER = ("forward", "state-dict", "train-step")
+
+
+def tied_in_two_groups(names: tuple[str, ...]) -> dict[str, tuple[Symptom, ...]]:
+    """torch's refusal of a parameter in two FSDP groups, naming one of `names`, for every check it fails."""
+    raised = tuple(
+        Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError",
+                message=TIED_IN_TWO_GROUPS_MESSAGE.format(n), phase=Phase.FORWARD)
+        for n in names
+    )
+    return dict.fromkeys(FORWARD_AND_AFTER, raised)
+
 
 KNOWN_ISSUES += [
     KnownIssue(
@@ -488,8 +496,7 @@ KNOWN_ISSUES += [
         affected=">=1.14.0,<1.15.0",
         also={"torch": ">=2.13"},
         selects=_tagged(TIED),
-        # the forward raises; the after-loading checks never run
-        symptoms=dict.fromkeys(("forward", "state-dict", "train-step"), TIED_IN_TWO_GROUPS),
+        symptoms=tied_in_two_groups(TIED_INPUT_EMBEDDINGS),
     ),
     KnownIssue(
         key="accelerate-ties-beyond-embeddings-two-fsdp-groups",
@@ -505,14 +512,7 @@ KNOWN_ISSUES += [
         affected=">=1.15.0",
         also={"torch": ">=2.13"},
         selects=_tagged(TIED_BEYOND_EMBEDDINGS),
-        symptoms=dict.fromkeys(
-            ("forward", "state-dict", "train-step"),  # the forward raises; the after-loading checks never run
-            tuple(
-                Symptom(kinds=frozenset({ProblemKind.RAISED}), exc_type="ValueError",
-                        message=TIED_IN_TWO_GROUPS_MESSAGE.format(n), phase=Phase.FORWARD)
-                for n in ("shared.weight", "None")
-            ),
-        ),
+        symptoms=tied_in_two_groups(("shared.weight", "None")),  # T5; BERT-MLM's decoder bias, which torch cannot name
     ),
     KnownIssue(
         key="accelerate-3979",
