@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_batch import CliRun, run_cli
+
 CLI = [sys.executable, "-m", "fsdp_load_checks.cli"]
 
 
@@ -80,14 +82,21 @@ BAD_INPUT = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs(bad_dirs) -> dict[tuple[str, ...], CliRun]:
+    """Every BAD_INPUT command line, in one interpreter (tests/cli_batch.py)."""
+    argvs = [[a.format(**bad_dirs) for a in args] for args, _ in BAD_INPUT]
+    return {tuple(args): run for (args, _), run in zip(BAD_INPUT, run_cli(argvs, timeout=300))}
+
+
 @pytest.mark.parametrize("args, message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_gets_one_line_and_exit_2(args, message, bad_dirs):
+def test_bad_input_gets_one_line_and_exit_2(args, message, bad_input_runs):
     if "nccl" in args:
         import torch
 
         if torch.cuda.device_count() >= 2:
             pytest.skip("this machine has the GPUs, so nccl at --nproc 2 is valid here")
-    proc = cli(*(a.format(**bad_dirs) for a in args), timeout=120)
+    proc = bad_input_runs[tuple(args)]
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -137,14 +146,20 @@ def test_a_failed_check_exits_1_and_names_rank_and_tensor(tmp_path):
     assert "inv_freq differs from rank 0's" in flat
 
 
-@pytest.mark.parametrize(
-    "args",
-    [["--fsdp-timeout", "0"], ["--fsdp-timeout", "inf"], ["--nproc", "two"], ["--loader", "bogus"],
-     ["--fsdp-cases", "no-such-case"]],
-)
-def test_both_front_ends_parse_an_option_the_same_way(args, tmp_path):
+FRONT_END_ARGS = [["--fsdp-timeout", "0"], ["--fsdp-timeout", "inf"], ["--nproc", "two"], ["--loader", "bogus"],
+                  ["--fsdp-cases", "no-such-case"]]
+
+
+@pytest.fixture(scope="module")
+def front_end_cli_runs() -> dict[tuple[str, ...], CliRun]:
+    return {tuple(args): run for args, run in zip(FRONT_END_ARGS, run_cli([["zoo", *a] for a in FRONT_END_ARGS]))}
+
+
+@pytest.mark.parametrize("args", FRONT_END_ARGS)
+def test_both_front_ends_parse_an_option_the_same_way(args, tmp_path, front_end_cli_runs):
     """One option table: the CLI and the pytest plugin reject a bad value with the very same line."""
-    from_cli = cli("zoo", *args, timeout=120).stderr.strip().removeprefix("fsdp-load-checks: error: ")
+    from_cli = front_end_cli_runs[tuple(args)].stderr.strip().removeprefix("fsdp-load-checks: error: ")
+    assert from_cli and "\n" not in from_cli, from_cli
     proc = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider",
                            str(Path(__file__).parent / "test_zoo.py")], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)

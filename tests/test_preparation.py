@@ -19,6 +19,7 @@ from fsdp_load_checks import accelerate_config, catalogue, checks, known_issues
 from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Status
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
+from tests.cli_batch import CliRun, run_cli
 
 # the first and the second case of one launch, under each config (a second case once went through DDP instead)
 CASES = ["llama-rope", "bf16-checkpoint", "llama-rope@bf16", "bf16-checkpoint@bf16"]
@@ -140,14 +141,22 @@ BAD_CONFIGS = {
 PYTEST_TOO = ("missing", "not-fsdp", "unknown-fsdp-key")  # one parser behind both front ends: a few prove it
 
 
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory) -> dict[str, tuple[Path, CliRun]]:
+    """kind -> (its YAML path, the CLI's run on it); every CLI run in one interpreter (tests/cli_batch.py)."""
+    base = tmp_path_factory.mktemp("bad-configs")
+    paths = {kind: base / f"{kind}.yaml" for kind in BAD_CONFIGS}
+    for kind, (text, _) in BAD_CONFIGS.items():
+        if text is not None:
+            paths[kind].write_text(text)
+    runs = run_cli([["zoo", "--accelerate-config", str(paths[kind])] for kind in BAD_CONFIGS])
+    return {kind: (paths[kind], run) for kind, run in zip(BAD_CONFIGS, runs)}
+
+
 @pytest.mark.parametrize("kind", BAD_CONFIGS)
-def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, tmp_path):
-    text, message = BAD_CONFIGS[kind]
-    path = tmp_path / f"{kind}.yaml"
-    if text is not None:
-        path.write_text(text)
-    cli = subprocess.run([sys.executable, "-m", "fsdp_load_checks.cli", "zoo", "--accelerate-config", str(path)],
-                         capture_output=True, text=True, timeout=120)
+def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, tmp_path, bad_config_runs):
+    message = BAD_CONFIGS[kind][1]
+    path, cli = bad_config_runs[kind]
     assert cli.returncode == 2, cli.stderr
     lines = cli.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in cli.stderr, cli.stderr

@@ -1,26 +1,23 @@
-"""After a batch's launches: have what rank 0's save_pretrained wrote loaded back plain, in a fresh process.
+"""After a batch's launches: have what rank 0's save_pretrained wrote loaded back plain, outside FSDP.
 
-One reference process per batch (`python -m fsdp_load_checks.reference.reload`)
-for every case whose rank 0 wrote a directory; each CaseRun gets its
-`records.Reload`. If that process itself cannot run, every job gets the
-same failure, so the state-dict check says why it could not judge.
+The batch's reference process (parent/reference_process.py) reloads every
+case whose rank 0 wrote a directory; each CaseRun gets its `records.Reload`.
+If that process itself cannot, every job gets the same failure, so the state-dict check says why it could not judge.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from fsdp_load_checks import observe
-from fsdp_load_checks.parent import stop
-from fsdp_load_checks.parent.launch import child_env
+from fsdp_load_checks.parent.reference_process import ReferenceProcess
 from fsdp_load_checks.records import CaseRun, Failure, Phase, Reload
 
 
-def reload_saved(runs: dict[str, CaseRun], timeout_s: float) -> None:
-    """Attach to each run the plain reload of its rank 0's save_pretrained directory (runs without one: none)."""
+def reload_saved(runs: dict[str, CaseRun], reference: ReferenceProcess, timeout_s: float) -> None:
+    """Attach to each run the plain reload of its rank 0's save_pretrained directory (runs without one: none),
+    made by the batch's reference process."""
     jobs = []
     for name, run in runs.items():
         rank0 = run.observations.get(0)
@@ -35,19 +32,7 @@ def reload_saved(runs: dict[str, CaseRun], timeout_s: float) -> None:
         return
     spec = Path(jobs[0]["directory"]).parents[2] / "reload-jobs.json"  # the first job's launch directory
     spec.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "fsdp_load_checks.reference.reload", str(spec)]
-    why = ""
-    proc = stop.spawn(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-        if proc.returncode != 0:
-            why = (stderr.strip().splitlines() or ["(no output)"])[-1]
-    except subprocess.TimeoutExpired:
-        why = f"the reload process took more than {timeout_s:g}s"
-    finally:  # a signal (stop.Stopped) or the timeout: the process is ended either way
-        stop.end(proc)
-        for pipe in (proc.stdout, proc.stderr):
-            pipe.close()
+    why = reference.reload(spec, timeout_s)
     for job in jobs:
         out = Path(job["out"])
         if out.exists():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,15 +21,12 @@ from fsdp_load_checks import accelerate_config, checkpoints, observe, render
 from fsdp_load_checks.checks import verdicts
 from fsdp_load_checks.parent import stop
 from fsdp_load_checks.parent.diagnosis import lost_ranks
-from fsdp_load_checks.parent.launch import PORT_RETRIES, child_env, launch_once
+from fsdp_load_checks.parent.launch import PORT_RETRIES, launch_once
+from fsdp_load_checks.parent.reference_process import ReferenceProcess, SetupError
 from fsdp_load_checks.parent.reload import reload_saved
 from fsdp_load_checks.parent.watchdog import read_progress
 from fsdp_load_checks.records import Case, CaseResult, CaseRun, LaunchConfig, LostRank, NotRun, Phase, RankTask
 from fsdp_load_checks.records.protocol import reference_path, result_path
-
-
-class SetupError(RuntimeError):
-    """The environment, not a case, is broken (the reference process could not even run)."""
 
 
 GPU_LOCK = Path(tempfile.gettempdir()) / "fsdp-load-checks-gpus.lock"
@@ -124,21 +119,9 @@ def run_tasks(tasks: list[RankTask], cfg: LaunchConfig, work_dir: Path, on_progr
 
 
 def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str = accelerate_config.DEFAULT) -> None:
-    """Build checkpoints and reference observations in a fresh interpreter (the reference process)."""
-    cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *(c.name for c in cases),
-           "--accelerate-config", run_config]
-    proc = stop.spawn(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise SetupError(f"building checkpoints/references took more than {timeout_s:g}s") from None
-    finally:
-        stop.end(proc)
-        for pipe in (proc.stdout, proc.stderr):
-            pipe.close()
-    if proc.returncode != 0:
-        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SetupError(f"building checkpoints/references failed: {last}\n{stderr[-4000:]}")
+    """Build checkpoints and reference observations in a fresh interpreter (the reference process), and nothing else."""
+    with ReferenceProcess(root, cases, run_config) as reference:
+        reference.built(timeout_s)
 
 
 def task_for(root: Path, case: Case) -> RankTask:
@@ -156,7 +139,14 @@ def config_for(case: Case, cfg: LaunchConfig) -> LaunchConfig:
 
 def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Callable | None = None) -> dict[str, CaseResult]:
     """Checkpoints and references, one launch per accelerate config (more after a crash or hang), every verdict."""
-    materialize(root, cases, cfg.startup_timeout_s + cfg.case_timeout_s * len(cases), cfg.accelerate_config)
+    timeout_s = cfg.startup_timeout_s + cfg.case_timeout_s * len(cases)
+    with ReferenceProcess(root, cases, cfg.accelerate_config) as reference:  # ended on leaving, by any way
+        reference.built(timeout_s)
+        return _launch_and_judge(root, cases, cfg, reference, timeout_s, on_progress)
+
+
+def _launch_and_judge(root: Path, cases: list[Case], cfg: LaunchConfig, reference: ReferenceProcess, timeout_s: float,
+                      on_progress: Callable | None) -> dict[str, CaseResult]:
     groups: dict[str, tuple[LaunchConfig, list[RankTask]]] = {}
     for case in cases:
         launch_cfg = config_for(case, cfg)
@@ -168,7 +158,7 @@ def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Cal
         with gpus:
             for launch_cfg, tasks in groups.values():
                 run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
-        reload_saved(runs, cfg.startup_timeout_s + cfg.case_timeout_s * len(cases))  # the state-dict check's plain reload
+        reload_saved(runs, reference, timeout_s)  # the state-dict check's plain reload
     except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts
         stopped.results = judge(root, [c for c in cases if c.name in runs], runs)
         raise

@@ -12,6 +12,10 @@ from pathlib import Path
 
 EXIT_DIVERGED = 3  # ranks disagreed about a case; the parent relaunches what is left
 
+# the reference process's lines on stdout under --serve (reference/__main__.py): built, then one per reload job file
+REFERENCE_BUILT = "BUILT"
+REFERENCE_RELOADED = "RELOADED"
+
 
 @dataclass
 class LaunchConfig:

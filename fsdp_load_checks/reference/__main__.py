@@ -1,13 +1,21 @@
-"""Entry point of the reference process: `python -m fsdp_load_checks.reference ROOT CASE...`.
+"""Entry point of the reference process: `python -m fsdp_load_checks.reference ROOT CASE... [--serve]`.
 
 Checkpoints first (the launch needs them), then each case's plain-load
 observation, each behind a file lock and written once per run root.
+
+With `--serve` the process stays for its batch (one interpreter, not two, per
+batch: an interpreter importing torch, transformers and accelerate costs ~9 s
+of CPU): it says `BUILT` on stdout, then reads job files from stdin, one path
+per line, reloads what rank 0's `save_pretrained` wrote (reference/reload.py)
+and says `RELOADED` after each; it exits at end of input. Everything else the
+process prints goes to stderr, so stdout carries only those lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +26,9 @@ from filelock import FileLock
 from fsdp_load_checks import accelerate_config, checkpoints, observe
 from fsdp_load_checks.catalogue import all_cases
 from fsdp_load_checks.records import Case
-from fsdp_load_checks.records.protocol import reference_path
+from fsdp_load_checks.records.protocol import REFERENCE_BUILT, REFERENCE_RELOADED, reference_path
 from fsdp_load_checks.reference.plain import observe_plain
+from fsdp_load_checks.reference.reload import run_jobs
 
 
 def materialize(root: Path, cases: list[Case], run_config: str) -> None:
@@ -46,11 +55,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("cases", nargs="+")
     parser.add_argument("--accelerate-config", default=accelerate_config.DEFAULT)
+    parser.add_argument("--serve", action="store_true", help="after building, reload the job files named on stdin")
     args = parser.parse_args(argv)
+    # the protocol's own stdout; fd 1 becomes stderr, so nothing else the libraries print can reach the parent
+    said = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     torch.set_num_threads(1)
     catalogue = all_cases()
     gc.freeze()  # the imports live for the process: the collector's automatic passes skip them (rank/case.py)
     materialize(args.root, [catalogue[n] for n in args.cases], args.accelerate_config)
+    if args.serve:
+        print(REFERENCE_BUILT, file=said)
+        for line in sys.stdin:
+            run_jobs(Path(line.strip()), catalogue)
+            gc.collect()
+            print(REFERENCE_RELOADED, file=said)
     return 0
 
 

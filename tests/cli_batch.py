@@ -1,0 +1,45 @@
+"""Many command lines of the CLI in one interpreter: `main(argv)` each, with its exit status and output.
+
+Bad-input tests need no launch, so one interpreter (torch and transformers
+imported once, ~9 s of CPU) serves all of them instead of one each. The
+entry point is the console script's own (`fsdp_load_checks.cli:main`); the
+interpreter's real stderr must stay empty, so nothing a library prints
+around the redirected streams goes unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+DRIVER = r"""
+import contextlib, io, json, sys
+from fsdp_load_checks.cli import main
+runs = []
+for argv in json.loads(sys.stdin.read()):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+    runs.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(runs))
+"""
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(argvs: list[list[str]], timeout: float = 600, cwd=None) -> list[CliRun]:
+    """`fsdp-load-checks ARGV` for each ARGV, in order, in one fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(argvs), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return [CliRun(*run) for run in json.loads(proc.stdout)]
