@@ -14,6 +14,7 @@ bug; a tag's `Case.tensors` names exactly the tensors the bug affects there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -44,6 +45,8 @@ from fsdp_load_checks.records.case import (
     MIXED_PRECISION,
     PERSISTENT_BUFFER,
     ROOT_NON_PERSISTENT,
+    ROOT_NON_PERSISTENT_OUTPUT_UNCHANGED as ROOT_OUTPUT_UNCHANGED,
+    ROOT_NON_PERSISTENT_UNREAD as ROOT_UNREAD,
     SHARED_NON_PERSISTENT,
     TIED,
     TIED_BEYOND_EMBEDDINGS,
@@ -72,7 +75,8 @@ def applies(issue: KnownIssue, case: Case, check: str, versions: dict[str, str],
 
 
 def _applicable(symptom: Symptom, case: Case) -> bool:
-    return symptom.when_tagged is None or symptom.when_tagged in case.tags
+    return (symptom.when_tagged is None or symptom.when_tagged in case.tags) and (
+        symptom.unless_tagged is None or symptom.unless_tagged not in case.tags)
 
 
 def matches(symptom: Symptom, problem: Problem, case: Case) -> bool:
@@ -263,9 +267,15 @@ KNOWN_ISSUES = [
                 Symptom(kinds=frozenset({ProblemKind.VALUES}), tagged=ROOT_NON_PERSISTENT, against=Against.RANK0,
                         min_rank=1),
             ),
-            "forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS}), min_rank=1),),
+            # a buffer the forward does not read (GPT-BigCode's causal mask) leaves the output and training intact;
+            # Gemma3n's per-layer input scales reach the output through a zero-initialised altup correction: only
+            # its gradients differ
+            "forward": (Symptom(kinds=frozenset({ProblemKind.LOGITS}), min_rank=1, unless_tagged=ROOT_OUTPUT_UNCHANGED),),
             # only ranks 1..N compute with the wrong buffer; the averaged gradients are wrong everywhere
-            "train-step": (Symptom(kinds=frozenset({ProblemKind.LOSS}), min_rank=1), TRAINED_WITH_A_WRONG_BUFFER[1]),
+            "train-step": tuple(
+                dataclasses.replace(s, unless_tagged=ROOT_UNREAD)
+                for s in (Symptom(kinds=frozenset({ProblemKind.LOSS}), min_rank=1), TRAINED_WITH_A_WRONG_BUFFER[1])
+            ),
         },
     ),
     KnownIssue(

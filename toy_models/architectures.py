@@ -22,7 +22,13 @@ from dataclasses import replace
 from functools import partial
 
 from fsdp_load_checks.records import PERSISTENT_BUFFER, Case
-from fsdp_load_checks.records.case import MISSING_PARAMETERS, ROOT_NON_PERSISTENT, TIED_BEYOND_EMBEDDINGS
+from fsdp_load_checks.records.case import (
+    MISSING_PARAMETERS,
+    ROOT_NON_PERSISTENT,
+    ROOT_NON_PERSISTENT_OUTPUT_UNCHANGED,
+    ROOT_NON_PERSISTENT_UNREAD,
+    TIED_BEYOND_EMBEDDINGS,
+)
 
 VOCAB = 128
 
@@ -554,7 +560,57 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
         "OpenAIGPTModel's _init_weights branch for the model itself recomputes its int64 position_ids buffer",
         ("position_ids",),
     ),
+    "gpt_bigcode": (
+        "GPTBigCodeConfig",
+        _EXTRA_SPECS["gpt_bigcode"][1],
+        "GPTBigCodeModel's branch for the model itself recomputes its boolean causal mask `bias` (its forward no "
+        "longer reads it)",
+        ("bias",),
+    ),
+    "recurrent_gemma": (
+        "RecurrentGemmaConfig",
+        _EXTRA_SPECS["recurrent_gemma"][1],
+        "RecurrentGemmaModel's branch for the model itself recomputes its `normalizer` (sqrt(hidden), bf16)",
+        ("normalizer",),
+    ),
+    "gemma3n_text": (
+        "Gemma3nTextConfig",
+        _EXTRA_SPECS["gemma3n_text"][1],
+        "Gemma3nTextModel's branch for the model itself recomputes per_layer_projection_scale and "
+        "per_layer_input_scale",
+        ("per_layer_projection_scale", "per_layer_input_scale"),
+    ),
+    "xlm": (
+        "XLMConfig",
+        dict(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64, pad_index=0,
+             bos_index=1, eos_index=2, unk_index=3, mask_index=4),
+        "XLMModel's branch for the model itself recomputes its int64 position_ids buffer",
+        ("position_ids",),
+    ),
+    "flaubert": (
+        "FlaubertConfig",
+        dict(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64, pad_index=0,
+             bos_index=1, eos_index=2, unk_index=3, mask_index=4),
+        "FlaubertModel's branch for the model itself recomputes its int64 position_ids buffer",
+        ("position_ids",),
+    ),
+    "layoutlmv3": (
+        "LayoutLMv3Config",
+        dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64, max_2d_position_embeddings=64, coordinate_size=4, shape_size=8,
+             input_size=28, patch_size=14, rel_pos_bins=8, max_rel_pos=16, rel_2d_pos_bins=8, max_rel_2d_pos=16,
+             pad_token_id=0),
+        "LayoutLMv3Model's branch for the model itself recomputes its `visual_bbox` (read only with an image: a "
+        "text-only forward does not)",
+        ("visual_bbox",),
+    ),
 }
+
+# base models whose root buffer leaves the checks' forward output unchanged: a text-only forward does not read it
+# (rank 1's zeros show in `buffers` only), or reads it through a zero-initialised weight (Gemma3n's altup
+# correct_output_scale: the gradients differ)
+_ROOT_BUFFER_UNREAD = {"gpt_bigcode", "layoutlmv3"}
+_ROOT_BUFFER_OUTPUT_UNCHANGED = {"gemma3n_text", *_ROOT_BUFFER_UNREAD}
 
 # tiny vision towers for the vision-language cases (28x28 images, 14x14 patches)
 _CLIP_NO_PROJ = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
@@ -729,6 +785,10 @@ def _available_cases() -> list[Case]:
             case = _case(model_type, cls_name, kw, guards, False, model_class=BASE_MODEL_CLASS, suffix="-base")
             if root_buffers:
                 case = case.with_tags(tensors={ROOT_NON_PERSISTENT: root_buffers})
+            if model_type in _ROOT_BUFFER_OUTPUT_UNCHANGED:
+                case = case.with_tags(ROOT_NON_PERSISTENT_OUTPUT_UNCHANGED)
+            if model_type in _ROOT_BUFFER_UNREAD:
+                case = case.with_tags(ROOT_NON_PERSISTENT_UNREAD)
             cases.append(case)
     for name, (model_type, cls_name, kw, loaded_as, guards, persistent, tied) in _CLASS_SPECS.items():
         if cls_name in installed:

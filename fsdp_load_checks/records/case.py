@@ -15,6 +15,10 @@ FORGOTTEN_BUFFER = "forgotten-non-persistent-buffer"  # a non-persistent buffer 
 FORGOTTEN_FLOAT_BUFFER = "forgotten-float-non-persistent-buffer"  # ... a floating one (poisoned: NaN)
 SHARED_NON_PERSISTENT = "shared-non-persistent-buffer"  # one non-persistent tensor under two module names
 ROOT_NON_PERSISTENT = "root-non-persistent-buffer"  # a recomputed non-persistent buffer on the top-level model
+# ... whose wrong value leaves the checks' forward output unchanged (read, but through a zero-initialised weight)
+ROOT_NON_PERSISTENT_OUTPUT_UNCHANGED = "root-non-persistent-buffer-output-unchanged"
+# ... which the checks' forward does not read at all: output and training unchanged (tag OUTPUT_UNCHANGED too)
+ROOT_NON_PERSISTENT_UNREAD = "root-non-persistent-buffer-unread"
 USER = "user"  # a user's checkpoint directory
 MIXED_PRECISION = "mixed-precision"  # the case runs under a mixed-precision accelerate config (Case.under)
 TIED = "tied-parameters"  # the plain load ties parameters (one tensor under several names); tensors: those names

@@ -151,7 +151,7 @@ class Symptom:
     `tensor` is a regular expression the problem's tensor name must match in
     full; `tagged` names a case tag whose `Case.tensors` list the problem's
     tensor must be in. `when_tagged` limits the symptom to cases with that
-    tag. `multiple` bounds a memory problem's committed / model bytes,
+    tag, `unless_tagged` to cases without it. `multiple` bounds a memory problem's committed / model bytes,
     low inclusive, high exclusive. `quantities` limits it to problems about
     those quantities (a gradient, a saved file, ...); `got` and `want` are
     regular expressions over the problem's own got/want text.
@@ -168,6 +168,7 @@ class Symptom:
     loading: bool | None = None  # MEMORY: the rank is (True) or is not (False) its node's loading rank
     multiple: tuple[float, float] | None = None
     when_tagged: str | None = None
+    unless_tagged: str | None = None
     quantities: frozenset[Quantity] = frozenset()  # empty: any (Problem.quantity)
     got: str | None = None  # regular expressions Problem.got / Problem.want must match in full (DTYPE: dtypes)
     want: str | None = None
