@@ -241,6 +241,7 @@ def report_rows(cases, results: dict, loader: str) -> list:
             preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
             model_class=result.reference.model_class if result.reference else "",
             output=result.reference.output if result.reference else "",
+            inputs=list(result.reference.inputs) if result.reference else [],
             seconds=report.phase_seconds(result.run.observations, result.reference),
         ))
     return rows

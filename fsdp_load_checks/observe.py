@@ -27,6 +27,7 @@ from fsdp_load_checks.records import (
     TensorRecord,
     TrainStep,
 )
+from fsdp_load_checks.inputs import model_inputs
 from fsdp_load_checks.tensors import non_persistent_names
 
 BATCH, SEQ = 2, 8  # the forward pass's input_ids shape
@@ -111,14 +112,9 @@ def forward_input(vocab_size: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(BATCH * SEQ) % vocab_size).view(BATCH, SEQ).to(device)
 
 
-def model_inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The forward's keyword inputs for (BATCH, SEQ) token ids: `input_ids`, and for an encoder-decoder
-    (`config.is_encoder_decoder`: T5, BART) the same ids as `decoder_input_ids`. A vision-language model gets
-    text only (no pixel inputs: its language model and projector path, not the vision tower)."""
-    inputs = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids
-    return inputs
+def forward_inputs(model: torch.nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+    """The forward check's keyword inputs: `forward_input` ids over the text vocabulary, by class (inputs.py)."""
+    return model_inputs(model, forward_input(model.config.get_text_config().vocab_size, device))
 
 
 # The output the forward check compares, by the first of these a model returns: a head's logits (causal LM,
@@ -146,8 +142,7 @@ def forward_output(
     `output_dtype`, rounded through that dtype first (a mixed-precision
     policy's output_dtype).
     """
-    vocab = model.config.get_text_config().vocab_size
-    name, value = primary_output(model(**model_inputs(model, forward_input(vocab, device))))
+    name, value = primary_output(model(**forward_inputs(model, device)))
     value = value.detach()
     if output_dtype is not None:
         value = value.to(output_dtype)
@@ -191,6 +186,7 @@ def read(path: str) -> Observation:
     raw = torch.load(path, weights_only=False)
     raw["tensors"] = {k: TensorRecord(**v) for k, v in raw["tensors"].items()}
     raw["ties"] = [tuple(t) for t in raw["ties"]]
+    raw["inputs"] = tuple(raw.get("inputs", ("input_ids",)))
     raw["missing_keys"] = tuple(raw["missing_keys"])
     raw["init_mismatch"] = {k: TensorRecord(**v) for k, v in raw["init_mismatch"].items()}
     mem = raw["memory"]

@@ -30,6 +30,7 @@ class Row:
     preparation: dict[int, dict] = field(default_factory=dict)
     model_class: str = ""  # the class the plain load instantiated (LlamaForCausalLM, BertModel, ...)
     output: str = ""  # the output the forward check compared: logits, or last_hidden_state for a base model
+    inputs: list[str] = field(default_factory=list)  # what the forward was fed: input_ids, pixel_values, ...
     # process -> phase -> wall seconds (ranks 0..N-1; -1 the reference process: "checkpoint", "reference"), JSON only
     seconds: dict[int, dict[str, float]] = field(default_factory=dict)
 

@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from fsdp_load_checks.observe import model_inputs, primary_output, record
+from fsdp_load_checks.inputs import model_inputs
+from fsdp_load_checks.observe import primary_output, record
 from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
 
 LEARNING_RATE = 1e-3

@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fsdp_load_checks import model_class  # noqa: E402
 from fsdp_load_checks.catalogue import all_cases  # noqa: E402
-from fsdp_load_checks.observe import model_inputs, primary_output  # noqa: E402
+from fsdp_load_checks.inputs import model_inputs  # noqa: E402
+from fsdp_load_checks.observe import primary_output  # noqa: E402
 from fsdp_load_checks.records import PERSISTENT_BUFFER  # noqa: E402
 from fsdp_load_checks.records.case import MISSING_PARAMETERS  # noqa: E402
 from toy_models.architectures import ARCH_CASES, BASE_MODEL_CLASS, SKIPPED_ARCHS  # noqa: E402
@@ -91,8 +92,39 @@ def test_builds_tiny_and_runs(case):
     with torch.no_grad():
         output, value = primary_output(model(**model_inputs(model, ids)))
     assert output == ("last_hidden_state" if base else "logits")
-    assert value.shape[:2] == ((2, config.num_labels) if head else (2, 8))
+    classifier = case.model_class == "AutoModelForSequenceClassification"  # one row of logits per sequence
+    assert value.shape[:2] == ((2, config.num_labels) if classifier else (2, 8))
     assert torch.isfinite(value).all(), f"{case.name}: non-finite {output}"
+
+
+IMAGE_CASES = [c for c in ARCH_CASES if c.model_class == "AutoModelForImageTextToText"]
+# Gemma 3's multi-modal projector initialises to zeros (Gemma3PreTrainedModel._init_weights), so in a tiny
+# checkpoint no image reaches the output; its image still runs through the vision tower on every rank
+IMAGE_UNREAD = {"arch-gemma3"}
+
+
+def test_every_vision_language_case_gets_an_image():
+    from fsdp_load_checks.inputs import IMAGE_FAMILIES
+
+    assert len(IMAGE_CASES) >= 5
+    assert {c.config().model_type for c in IMAGE_CASES} <= set(IMAGE_FAMILIES)
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=lambda c: c.name)
+def test_the_image_reaches_the_output(case):
+    """The forward and train-step inputs carry an image the model really reads: another image, other logits."""
+    import torch
+
+    torch.manual_seed(case.seed)
+    model = model_class.from_config(case.model_class, case.config()).eval()
+    ids = torch.arange(16).view(2, 8) % model.config.get_text_config().vocab_size
+    inputs = model_inputs(model, ids)
+    assert "pixel_values" in inputs
+    assert (inputs["input_ids"] != ids).any(dim=1).all()  # each sequence holds its image's tokens
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        other = model(**{**inputs, "pixel_values": 1 - inputs["pixel_values"]}).logits
+    assert torch.equal(logits, other) == (case.name in IMAGE_UNREAD)
 
 
 HEAD_CASES = [c for c in ARCH_CASES if c.checkpoint_class is not None]

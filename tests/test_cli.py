@@ -115,6 +115,7 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     assert data["passed"] and data["cases"][0]["status"]["buffers"] == "passed"
     # loaded with the class config.json names, and the report says which output the forward check compared
     assert (data["cases"][0]["model_class"], data["cases"][0]["output"]) == ("GPT2LMHeadModel", "logits")
+    assert data["cases"][0]["inputs"] == ["input_ids"]  # what the forward and the train step were fed
     assert set(data["cases"][0]["memory"]) == {"0", "1"}  # per-rank memory figures reach the report
     assert data["accelerate_config"] == "fsdp2"  # the report names the config and how each rank was prepared
     assert data["cases"][0]["preparation"]["1"]["call"] == "Accelerator.prepare"

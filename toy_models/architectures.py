@@ -678,6 +678,27 @@ _CLASS_SPECS: dict[str, tuple[str, str, dict, str, str, bool, str]] = {
                 "a SigLIP tower beside Gemma 3 (sliding and full attention, tied head)"),
         }.items()
     },
+    # classifier checkpoints loaded as themselves (a fine-tuned classifier, as evaluation and further training load it)
+    "bert-seq-cls-ckpt": (
+        "bert",
+        "BertConfig",
+        _with(_BASE_SPECS["bert"][1], num_labels=3),
+        "AutoModelForSequenceClassification",
+        "a classifier checkpoint loaded as itself (BertForSequenceClassification, its classifier saved): pooler and "
+        "head arrive from rank 0 like every other parameter",
+        False,
+        "",
+    ),
+    "llama-seq-cls-ckpt": (
+        "llama",
+        "LlamaConfig",
+        _with(DECODER, num_labels=3),
+        "AutoModelForSequenceClassification",
+        "a decoder classifier checkpoint loaded as itself (LlamaForSequenceClassification, its score head saved): "
+        "logits pooled at the last non-pad token",
+        False,
+        "",
+    ),
     "qwen2-vl": (
         "qwen2_vl",
         "Qwen2VLConfig",

@@ -129,6 +129,7 @@ class Observation:
     # ("logits", or "last_hidden_state" for a base model without a head)
     model_class: str = ""
     output: str = "logits"
+    inputs: tuple[str, ...] = ("input_ids",)  # reference only: what the forward is fed (inputs.model_inputs keys)
     memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
     failure: Failure | None = None
     versions: dict[str, str] = field(default_factory=dict)  # package -> version
