@@ -17,6 +17,9 @@ from fsdp_load_checks.loaders.fixed import BRANCH_LOG
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.records import BIG
 
+# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("detection")
+
 REGRESSION_NAMES = [r.name for r in REGRESSIONS]
 # gathered state dicts, gradients and stepped parameters are the same bytes on every rank and recorded by rank 0
 # (rank/after.py): their problems name rank 0 whichever rank went wrong
