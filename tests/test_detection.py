@@ -140,6 +140,15 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
 }
 
 
+def observe_overhead_bound(memory) -> int:
+    """What observing may add to a rank's memory: one full tensor gathered at a time (the all-gather's output and
+    the contiguous CPU copy the digest reads: 2 x the largest tensor) + the preparation check's 16 MiB slack; never a
+    multiple of the model. big-llama, 280 MiB: 127.7-127.8 MiB on both ranks (2 x 64 MiB embeddings)."""
+    from fsdp_load_checks.checks import PREPARATION_SLACK_BYTES
+
+    return 2 * memory.largest_tensor_bytes + PREPARATION_SLACK_BYTES
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """loader -> {case: CaseResult}, each loader launched once, on first use; one root, so checkpoints
@@ -175,6 +184,8 @@ def test_fixed_loader_passes_every_check_on_every_toy_case(runs):
         if BIG in catalogue.all_cases()[name].tags:  # the memory check really judged the size class, not skipped it
             assert result.verdicts["memory"].skipped == "", name
             assert result.run.observations[1].memory.shard_bytes > 0, name  # and preparation was bounded too
+            for rank, obs in result.run.observations.items():  # observing costs a rank one gathered tensor at a time
+                assert obs.memory.phases["observe"].committed <= observe_overhead_bound(obs.memory), (name, rank)
 
 
 @pytest.mark.parametrize("loader", REGRESSION_NAMES)
