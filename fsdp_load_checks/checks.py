@@ -430,10 +430,14 @@ CHECKS: dict[str, Callable[[CaseRun, Observation], list[Problem]]] = {
 
 def after_skip_reason(run: CaseRun) -> str:
     """Why the after-loading checks cannot judge this case ("" when they can): the ranks never went through
-    `Accelerator.prepare` (a loader that shards while loading), so accelerate's save and training path is not theirs."""
+    `Accelerator.prepare` (a loader that shards while loading), so accelerate's save and training path is not theirs;
+    or the case does not run the after-loading steps (`Case.after_loading`: the big-* memory cases)."""
     if any(obs.memory.shards_while_loading for obs in run.observations.values()):
         return ("the model was sharded by from_pretrained itself (no Accelerator.prepare): accelerate's saving and "
                 "training path does not apply, and is not checked for this loader")
+    if any(not obs.after_loading for obs in run.observations.values()):
+        return ("not run for this case (Case.after_loading): a big-* case exists for the memory check; its toy twin "
+                "runs the same saving and training path")
     return ""
 
 

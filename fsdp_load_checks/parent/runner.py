@@ -126,7 +126,7 @@ def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str
 
 def task_for(root: Path, case: Case) -> RankTask:
     return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault,
-                    case.model_class)
+                    case.model_class, case.after_loading)
 
 
 def config_for(case: Case, cfg: LaunchConfig) -> LaunchConfig:

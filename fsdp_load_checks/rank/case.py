@@ -107,7 +107,8 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
             progress(phase)
             memory.phase(phase)
             obs.logits = observe.forward_logits(model, device)
-            if loader.load is None:  # saving and training as accelerate does them: after Accelerator.prepare only
+            obs.after_loading = task.after_loading
+            if loader.load is None and task.after_loading:  # saving and training as accelerate does them
                 after = After(task, spec, accelerator, device, model, optimizer, obs, progress.tick)
                 with loader.patch():  # a loader's fixes reach the saves and the fresh preparation
                     for phase, step in after.phases():

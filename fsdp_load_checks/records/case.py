@@ -62,6 +62,10 @@ class Case:
     # the accelerate config this case runs under (a shipped name or a path); None: the run's --accelerate-config
     accelerate_config: str | None = None
     checkpoint_of: str | None = None  # the case whose checkpoint this one loads (a variant shares it)
+    # False: the after-loading steps (state dict, sharded round trip, train step, save) are not run, and the
+    # state-dict and train-step checks report "skipped": a big-* case exists for the memory check, and its toy twin
+    # (llama-rope, arch-qwen3-moe, ...) runs them on the same code path for a fraction of the time
+    after_loading: bool = True
 
     @property
     def checkpoint_name(self) -> str:

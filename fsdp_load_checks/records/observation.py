@@ -130,6 +130,7 @@ class Observation:
     model_class: str = ""
     output: str = "logits"
     inputs: tuple[str, ...] = ("input_ids",)  # reference only: what the forward is fed (inputs.model_inputs keys)
+    after_loading: bool = True  # ranks: False when the case's after-loading steps were not run (Case.after_loading)
     memory: MemoryProfile = field(default_factory=MemoryProfile)  # ranks only
     failure: Failure | None = None
     versions: dict[str, str] = field(default_factory=dict)  # package -> version

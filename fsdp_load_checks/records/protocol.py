@@ -48,6 +48,7 @@ class RankTask:
     seed: int = 0
     fault: str | None = None  # harness self-tests only: see fsdp_load_checks/rank/faults.py
     model_class: str = "AutoModelForCausalLM"  # the class from_pretrained is called on (records.Case.model_class)
+    after_loading: bool = True  # records.Case.after_loading
 
 
 @dataclass

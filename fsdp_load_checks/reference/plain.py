@@ -90,8 +90,9 @@ def observe_plain(case: Case, path: Path, mixed_precision: str = "no") -> Observ
             obs.logits_dtype = str(compute).removeprefix("torch.")
         obs.output, obs.logits = observe.forward_output(model, torch.device("cpu"), output_dtype=compute)
         obs.inputs = tuple(observe.forward_inputs(model, torch.device("cpu")))
-        for phase, step in after.steps(obs, prepared, dtypes, compute):  # state dict, save, training step
-            step()
+        if case.after_loading:
+            for phase, step in after.steps(obs, prepared, dtypes, compute):  # state dict, save, training step
+                step()
     except Exception as exc:  # recorded: the parent reports it against the case
         obs.failure = observe.failure_from(exc, -1, phase)
     return obs
