@@ -527,6 +527,9 @@ _EXTRA_SPECS: dict[str, tuple[str, dict, str, bool]] = {
 # branch for the base class runs on the root (which ranks 1..N mark initialised). model_type -> (config class,
 # kwargs, guards, the root's non-persistent buffers that branch recomputes: found by a static scan of 5.24.0).
 BASE_MODEL_CLASS = "AutoModel"
+# XLM and FlauBERT (FlaubertConfig extends XLMConfig): the same tiny shape and special-token ids
+_XLM = dict(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64, pad_index=0, bos_index=1,
+            eos_index=2, unk_index=3, mask_index=4)
 _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     "llama": (
         "LlamaConfig",
@@ -582,15 +585,13 @@ _BASE_SPECS: dict[str, tuple[str, dict, str, tuple[str, ...]]] = {
     ),
     "xlm": (
         "XLMConfig",
-        dict(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64, pad_index=0,
-             bos_index=1, eos_index=2, unk_index=3, mask_index=4),
+        _XLM,
         "XLMModel's branch for the model itself recomputes its int64 position_ids buffer",
         ("position_ids",),
     ),
     "flaubert": (
         "FlaubertConfig",
-        dict(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64, pad_index=0,
-             bos_index=1, eos_index=2, unk_index=3, mask_index=4),
+        _XLM,
         "FlaubertModel's branch for the model itself recomputes its int64 position_ids buffer",
         ("position_ids",),
     ),
