@@ -2,10 +2,14 @@
 
     python -m fsdp_load_checks.detection [ROOT]
 
-One launch per loader over its planned cases: the fixed loader over every
-toy case (it must pass everything), each regression over the fewest toy
-cases that show it (`Regression.cases`). tests/test_detection.py asserts the
-matrix; the README prints it.
+One batch: the fixed loader over every toy case (it must pass everything),
+and beside it each regression over the fewest toy cases that show it
+(`Regression.cases`), each such case as its loader variant
+(`<case>~<regression>`, `Case.with_loader`): the same checkpoint and plain
+load, its own loader in the ranks. One launch per accelerate config, not one
+per loader: each launch costs ~30 s of CPU in interpreters before any case
+(torchrun's agent and two ranks importing torch, transformers and
+accelerate). tests/test_detection.py asserts the matrix; the README prints it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.loaders import FIXED_LOADER
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.parent.runner import run_batch
-from fsdp_load_checks.records import CaseResult, LaunchConfig
+from fsdp_load_checks.records import Case, CaseResult, LaunchConfig
 
 
 def detection_plan() -> dict[str, tuple[tuple[str, ...], bool]]:
@@ -37,11 +41,25 @@ def fixed_loader_cases() -> tuple[str, ...]:
     return tuple(name for name, case in catalogue.all_cases().items() if (case.checkpoint_of or name) in toy)
 
 
-def run_detection(root, loader: str, nproc: int = 2, **config) -> dict[str, CaseResult]:
-    """One torchrun launch of `loader` over its planned cases."""
-    names, poison = detection_plan()[loader]
-    cfg = LaunchConfig(nproc=nproc, loader=loader, poison=poison, **config)
-    return run_batch(Path(root), catalogue.select(list(names)), cfg)
+def detection_cases() -> list[Case]:
+    """The plan as one batch: the fixed loader's cases as themselves (it is the batch's loader), every other
+    loader's as loader variants."""
+    cases = []
+    for loader, (names, poison) in detection_plan().items():
+        chosen = catalogue.select(list(names))
+        cases += chosen if loader == FIXED_LOADER else [c.with_loader(loader, poison) for c in chosen]
+    return cases
+
+
+def run_detection(root, nproc: int = 2, **config) -> dict[str, dict[str, CaseResult]]:
+    """The whole plan in one batch (one torchrun launch per accelerate config): loader -> {case: CaseResult},
+    a variant's result under the name of the case it varies."""
+    cases = detection_cases()
+    results = run_batch(Path(root), cases, LaunchConfig(nproc=nproc, loader=FIXED_LOADER, **config))
+    runs: dict[str, dict[str, CaseResult]] = {loader: {} for loader in detection_plan()}
+    for case in cases:
+        runs[case.loader or FIXED_LOADER][case.reference_name] = results[case.name]
+    return runs
 
 
 def crashed(result: CaseResult) -> bool:
@@ -81,8 +99,7 @@ def detection_matrix_markdown(matrix: dict[str, dict[str, list[str]]]) -> str:
 
 def main(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else Path(tempfile.mkdtemp(prefix="fsdp-detection-"))
-    runs = {loader: run_detection(root, loader) for loader in detection_plan()}
-    print(detection_matrix_markdown(detection_matrix(runs)))
+    print(detection_matrix_markdown(detection_matrix(run_detection(root))))
     return 0
 
 

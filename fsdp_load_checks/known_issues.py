@@ -721,7 +721,9 @@ def classify(case: Case, verdict: Verdict, versions: dict[str, str], registry=No
 
 
 def outcomes(result: CaseResult, case: Case, loader: str, registry=None) -> dict[str, Outcome]:
-    """Each check's verdict on one case read against the known upstream issues of the installed stack."""
+    """Each check's verdict on one case read against the known upstream issues of the installed stack, for the
+    loader it ran under (its own, `Case.loader`, or the run's `loader`)."""
+    loader = case.loader or loader
     versions = result.reference.versions if result.reference else stack_versions()
     if any(o.preparation.get("mixed_precision", "no") != "no" for o in result.run.observations.values()):
         case = case.with_tags(MIXED_PRECISION)  # it ran under a mixed-precision config: --accelerate-config, or its own

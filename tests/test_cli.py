@@ -11,9 +11,6 @@ import pytest
 
 from tests.cli_batch import CliRun, run_cli
 
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("cli")
-
 CLI = [sys.executable, "-m", "fsdp_load_checks.cli"]
 
 

@@ -1,24 +1,20 @@
 """Every check can fail: the historical regressions, re-created as loaders, are each caught by their checks,
 and the fixed loader passes every check on every toy case. Real torchrun ranks, real gloo process groups,
-one launch per loader over the fewest toy cases that show its bug (fsdp_load_checks/loaders/regressions.py,
-planned and tabled by fsdp_load_checks/detection.py)."""
+one batch: the fixed loader over every toy case and each regression over the fewest toy cases that show its
+bug, as loader variants in the same launch (fsdp_load_checks/loaders/regressions.py, planned and tabled by
+fsdp_load_checks/detection.py)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
 import pytest
 
 from fsdp_load_checks import catalogue, detection, render
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.loaders import FIXED_LOADER
-from fsdp_load_checks.loaders.fixed import BRANCH_LOG
+from fsdp_load_checks.loaders.fixed import NON_LOADING_BRANCH
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.records import BIG
-
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("detection")
 
 REGRESSION_NAMES = [r.name for r in REGRESSIONS]
 # gathered state dicts, gradients and stepped parameters are the same bytes on every rank and recorded by rank 0
@@ -150,18 +146,19 @@ def observe_overhead_bound(memory) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """loader -> {case: CaseResult}, each loader launched once, on first use; one root, so checkpoints
-    and single-process references are built once for the module."""
-    root = tmp_path_factory.mktemp("detection")
-    done: dict[str, dict] = {}
+def runs(tmp_path_factory) -> dict[str, dict]:
+    """loader -> {case: CaseResult}: the whole plan in one batch (a launch per accelerate config)."""
+    return detection.run_detection(tmp_path_factory.mktemp("detection"))
 
-    def get(loader: str) -> dict:
-        if loader not in done:
-            done[loader] = detection.run_detection(root, loader)
-        return done[loader]
 
-    return get
+def problem_lines(loader: str, results: dict) -> dict[str, list[str]]:
+    """check -> every problem line of `loader`'s cases. A regression's cases ran as loader variants, named
+    `<case>~<loader>` in their lines; the patterns above name the case."""
+    return {
+        check: [re.sub(rf"^([^:\s]+)~{re.escape(loader)}: ", r"\1: ", line)
+                for result in results.values() for line in render.lines(result.verdicts[check])]
+        for check in CHECKS
+    }
 
 
 def test_every_regression_has_expectations_and_cases():
@@ -175,7 +172,7 @@ def test_every_regression_has_expectations_and_cases():
 def test_fixed_loader_passes_every_check_on_every_toy_case(runs):
     from toy_models.zoo import TOY_CASES
 
-    results = runs(FIXED_LOADER)
+    results = runs[FIXED_LOADER]
     toy = {c.name for c in TOY_CASES}
     assert toy < set(results) and {f"{n}@bf16" for n in toy - set(catalogue.MIXED_PRECISION_SKIP)} < set(results)
     problems = [line for result in results.values() for v in result.verdicts.values() for line in render.lines(v)]
@@ -190,10 +187,11 @@ def test_fixed_loader_passes_every_check_on_every_toy_case(runs):
 
 @pytest.mark.parametrize("loader", REGRESSION_NAMES)
 def test_regression_is_caught_by_its_checks_only(runs, loader):
-    results = runs(loader)
+    results = runs[loader]
     expected = EXPECTED[loader]
+    found = problem_lines(loader, results)
     for check in CHECKS:
-        lines = [line for result in results.values() for line in render.lines(result.verdicts[check])]
+        lines = found[check]
         if check not in expected:
             assert lines == [], f"{loader}: {check} should pass (not this regression's symptom)"
             continue
@@ -214,15 +212,13 @@ def test_regression_is_caught_by_its_checks_only(runs, loader):
 @pytest.mark.parametrize("loader", [FIXED_LOADER, *REGRESSION_NAMES])
 def test_ranks_1_to_n_took_the_cpu_ram_efficient_loading_branch(runs, loader):
     """A verdict only says something about a loader if rank 1 really went through transformers'
-    non-loading-rank branch; the loader logs which branch each from_pretrained took."""
-    results = runs(loader)
+    non-loading-rank branch; the loader records which branch each from_pretrained took (loaders.load_branch)."""
+    results = runs[loader]
     wrong = []
     for case, result in results.items():
-        log = Path(result.run.launch_dir) / "rank1.log"
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith(BRANCH_LOG)]
-        mine = [line for line in lines if f"/{catalogue.all_cases()[case].checkpoint_name}:" in line]
-        if not any("non-loading-rank branch" in line for line in mine):
-            wrong.append(f"{case}: {mine[-1].split(': ', 2)[-1] if mine else 'no branch logged'}")
+        branch = result.run.observations[1].preparation.get("branch")
+        if branch != NON_LOADING_BRANCH:
+            wrong.append(f"{case}: {branch or 'no branch recorded'} (rank 1's log: {result.run.launch_dir}/rank1.log)")
     assert wrong == [], (
         f"{loader}: rank 1 did not take the cpu_ram_efficient_loading branch for {len(wrong)} of {len(results)} cases, "
         "so their verdicts test nothing. If the env shows FSDP_CPU_RAM_EFFICIENT_LOADING='False': accelerate's "
@@ -233,7 +229,7 @@ def test_ranks_1_to_n_took_the_cpu_ram_efficient_loading_branch(runs, loader):
 
 
 def test_detection_matrix(runs):
-    matrix = detection.detection_matrix({loader: runs(loader) for loader in detection.detection_plan()})
+    matrix = detection.detection_matrix(runs)
     print("\n\nDetection matrix (loader x check: the cases on which the check fails)\n")
     print(detection.detection_matrix_markdown(matrix))
     assert not any(matrix[FIXED_LOADER].values())

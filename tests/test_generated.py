@@ -44,9 +44,6 @@ from tests.generated_engine import (  # noqa: E402
 )
 from toy_models import generated  # noqa: E402
 
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("generated")
-
 SLOW_ENV = "FSDP_LOAD_CHECKS_SLOW"
 
 # features a fixed-seed batch must cover (generated.features names)

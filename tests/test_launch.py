@@ -12,9 +12,6 @@ from fsdp_load_checks import catalogue, render
 from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig, LostHow, Phase
 
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("launch")
-
 CASE_TIMEOUT = 20.0
 
 

@@ -13,9 +13,6 @@ from fsdp_load_checks import catalogue, known_issues, render
 from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig
 
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("multinode")
-
 CASES = ["llama-rope", "missing-head", "tied-embeddings"]
 
 

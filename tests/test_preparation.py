@@ -21,9 +21,6 @@ from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Sta
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
 from tests.cli_batch import CliRun, run_cli
 
-# its tests share module-scoped launches (or interpreters): one xdist worker runs them all, not one each (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("preparation")
-
 # the first and the second case of one launch, under each config (a second case once went through DDP instead)
 CASES = ["llama-rope", "bf16-checkpoint", "llama-rope@bf16", "bf16-checkpoint@bf16"]
 

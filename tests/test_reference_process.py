@@ -39,6 +39,6 @@ def test_one_process_builds_then_reloads_each_job_file_and_exits_at_end_of_input
 def test_a_reference_process_that_fails_is_one_setup_error_with_its_last_line(tmp_path):
     before = children()
     with pytest.raises(SetupError, match=r"building checkpoints/references failed: KeyError: 'no-such-case'"):
-        with ReferenceProcess(tmp_path, [SimpleNamespace(name="no-such-case")], "fsdp2") as reference:
+        with ReferenceProcess(tmp_path, [SimpleNamespace(reference_name="no-such-case")], "fsdp2") as reference:
             reference.built(timeout_s=300)
     assert children() <= before

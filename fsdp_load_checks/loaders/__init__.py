@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ContextManager
 
-from fsdp_load_checks.loaders.fixed import FIXED, Variant, patched
+from fsdp_load_checks.loaders.fixed import BRANCH_ATTR, FIXED, Variant, patched
 from fsdp_load_checks.loaders.native import load as native_load
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
 from fsdp_load_checks.loaders.trainer import trainer_arguments
@@ -84,3 +84,10 @@ def canonical(name: str) -> str:
 
 def get(name: str) -> Loader:
     return LOADERS[canonical(name)]
+
+
+def load_branch(model) -> str | None:
+    """Which transformers branch `from_pretrained` took on this rank, as a loader built on the fixed patch set
+    records it (`non-loading-rank` on ranks 1..N of a node under cpu_ram_efficient_loading); None for the
+    others (stock, native-fsdp) and on LOCAL_RANK 0."""
+    return getattr(model, BRANCH_ATTR, None)

@@ -241,10 +241,13 @@ def give_missing_parameters_storage(model, missing_keys) -> None:
 
 
 BRANCH_LOG = "fsdp-load-checks loader:"
+BRANCH_ATTR = "_fsdp_load_checks_branch"  # on the loaded model: which branch its from_pretrained took (rank/case.py)
+NON_LOADING_BRANCH = "non-loading-rank"
 
 
 def _log_branch(model, non_loading: bool) -> None:
-    """One line in the rank's log saying which transformers branch this load took.
+    """Which transformers branch this load took: kept on the model (`BRANCH_ATTR`, read into the rank's
+    observation) and one line in the rank's log.
 
     A rank other than LOCAL_RANK 0 that did not take the non-loading-rank
     branch is not exercising cpu_ram_efficient_loading at all (the env
@@ -253,6 +256,7 @@ def _log_branch(model, non_loading: bool) -> None:
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank in (None, "0"):
         return
+    setattr(model, BRANCH_ATTR, NON_LOADING_BRANCH if non_loading else "loading-rank")
     where = getattr(model.config, "_name_or_path", "") or type(model).__name__
     if non_loading:
         sys.stderr.write(f"{BRANCH_LOG} {where}: non-loading-rank branch (LOCAL_RANK {local_rank})\n")

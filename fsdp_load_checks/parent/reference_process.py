@@ -40,7 +40,8 @@ class ReferenceProcess:
         root.mkdir(parents=True, exist_ok=True)
         fd, log = tempfile.mkstemp(prefix="reference-", suffix=".log", dir=root)
         self.log = Path(log)
-        cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *(c.name for c in cases),
+        names = dict.fromkeys(c.reference_name for c in cases)  # a loader variant shares its case's plain load
+        cmd = [sys.executable, "-m", "fsdp_load_checks.reference", str(root), *names,
                "--accelerate-config", run_config, "--serve"]
         with os.fdopen(fd, "w") as err:
             self.proc = stop.spawn(cmd, env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,

@@ -126,7 +126,7 @@ def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str
 
 def task_for(root: Path, case: Case) -> RankTask:
     return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault,
-                    case.model_class, case.after_loading)
+                    case.model_class, case.after_loading, case.loader, case.poison)
 
 
 def config_for(case: Case, cfg: LaunchConfig) -> LaunchConfig:
@@ -158,7 +158,7 @@ def _launch_and_judge(root: Path, cases: list[Case], cfg: LaunchConfig, referenc
         with gpus:
             for launch_cfg, tasks in groups.values():
                 run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
-        reload_saved(runs, reference, timeout_s)  # the state-dict check's plain reload
+        reload_saved(runs, {c.name: c for c in cases}, reference, timeout_s)  # the state-dict check's plain reload
     except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts
         stopped.results = judge(root, [c for c in cases if c.name in runs], runs)
         raise
@@ -169,7 +169,7 @@ def judge(root: Path, cases: list[Case], runs: dict[str, CaseRun]) -> dict[str, 
     """Every case's verdicts, from its run and its reference observation."""
     results = {}
     for case in cases:
-        ref_file = reference_path(root, case.name)
+        ref_file = reference_path(root, case.reference_name)
         ref = observe.read(str(ref_file)) if ref_file.exists() else None
         run = runs[case.name]
         found = verdicts(run, ref)

@@ -64,7 +64,9 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
     obs = Observation(case=task.case, rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     obs.versions = observe.stack_versions()
     obs.preparation = {"config": spec.accelerate_config}
-    obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=spec.poison)
+    loader_name = task.loader or spec.loader  # a loader variant (records.Case.with_loader) brings its own
+    poison = spec.poison or task.poison
+    obs.memory = MemoryProfile(model_bytes=model_bytes(task.checkpoint), local_rank=local_rank, poisoned=poison)
     phase = Phase.IMPORT
     model = optimizer = after = None
     try:
@@ -75,7 +77,7 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
             # everything alive now (torch, transformers, accelerate, the modeling code) lives for the launch: out of
             # the collector's reach, the full collection after each case walks only what the case made (1.3 s -> ms)
             gc.freeze()
-            loader = loaders.get(spec.loader)
+            loader = loaders.get(loader_name)
             with loader.patch():
                 phase = Phase.FROM_PRETRAINED
                 progress(phase, task.case, task.fault)
@@ -84,14 +86,17 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
                     torch.manual_seed(task.seed)  # keys missing from the checkpoint: each rank draws what the reference draws
                     with poisoned(True):  # every rank loads: each one's uninitialised memory is NaN
                         model = loader.load(model_class, task.checkpoint, getattr(torch, task.dtype))
-                    obs.preparation.update({"call": "from_pretrained(distributed_config)", "loader": spec.loader})
+                    obs.preparation.update({"call": "from_pretrained(distributed_config)", "loader": loader_name})
                     obs.memory.shards_while_loading = True
                     obs.memory.shard_bytes, obs.memory.largest_tensor_bytes = prepared_sizes(model)
                 else:
                     assert_path_under_test()
                     torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
-                    with poisoned(local_rank == 0 or spec.poison):  # the loading rank (one per node)
+                    with poisoned(local_rank == 0 or poison):  # the loading rank (one per node)
                         model = model_class.from_pretrained(task.checkpoint, dtype=getattr(torch, task.dtype))
+                    branch = loaders.load_branch(model)  # which transformers branch this rank took, where known
+                    if branch:
+                        obs.preparation["branch"] = branch
                     phase = Phase.FSDP2_PREPARE
                     progress(phase)
                     memory.phase(phase)

@@ -66,17 +66,35 @@ class Case:
     # state-dict and train-step checks report "skipped": a big-* case exists for the memory check, and its toy twin
     # (llama-rope, arch-qwen3-moe, ...) runs them on the same code path for a fraction of the time
     after_loading: bool = True
+    # the loader this case runs under when it is not the run's (`--loader`): the detection batch runs each re-created
+    # regression on its own cases beside the fixed loader's, in one launch (fsdp_load_checks/detection.py)
+    loader: str | None = None
+    poison: bool = False  # NaN-fill uninitialised memory on every rank for this case (--poison-uninitialized)
+    reference_of: str | None = None  # the case whose plain load this one is judged against (a loader variant's)
 
     @property
     def checkpoint_name(self) -> str:
         """The name its checkpoint is built and stored under (shared by a case and its variants)."""
         return self.checkpoint_of or self.name
 
+    @property
+    def reference_name(self) -> str:
+        """The name its plain-load observation is made and stored under (shared with its loader variants)."""
+        return self.reference_of or self.name
+
     def under(self, accelerate_config: str, suffix: str, *tags: str) -> Case:
         """This case under another accelerate config, as `<name>@<suffix>`, loading the same checkpoint."""
         return dataclasses.replace(
             self, name=f"{self.name}@{suffix}", accelerate_config=accelerate_config,
             checkpoint_of=self.checkpoint_name, tags=self.tags | frozenset(tags),
+        )
+
+    def with_loader(self, loader: str, poison: bool = False) -> Case:
+        """This case under another loader, as `<name>~<loader>`: the same checkpoint and the same plain load
+        (a loader changes only what the ranks do), so one launch can hold several loaders."""
+        return dataclasses.replace(
+            self, name=f"{self.name}~{loader}", loader=loader, poison=poison,
+            checkpoint_of=self.checkpoint_name, reference_of=self.reference_name,
         )
 
     def with_tags(self, *tags: str, tensors: Mapping[str, tuple[str, ...]] | None = None) -> Case:

@@ -49,6 +49,8 @@ class RankTask:
     fault: str | None = None  # harness self-tests only: see fsdp_load_checks/rank/faults.py
     model_class: str = "AutoModelForCausalLM"  # the class from_pretrained is called on (records.Case.model_class)
     after_loading: bool = True  # records.Case.after_loading
+    loader: str | None = None  # records.Case.loader: None is the launch's (LaunchSpec.loader)
+    poison: bool = False  # records.Case.poison
 
 
 @dataclass
