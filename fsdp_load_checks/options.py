@@ -117,7 +117,7 @@ def parse_seconds(raw, flag: str) -> float:
 
 
 def parse_batch_size(raw) -> int:
-    return whole_number(raw, "--fsdp-batch-size", minimum=0, hint=" (0: one launch per loader)")
+    return whole_number(raw, "--fsdp-batch-size", minimum=0, hint=" (0: all cases in one batch)")
 
 
 def gpu_count() -> int:

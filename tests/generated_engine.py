@@ -130,6 +130,22 @@ class Runs:
             self.launch(loader, todo)
         return time.monotonic() - start
 
+    def batches(self, plan: dict[str, list[dict]]) -> None:
+        """Several loaders' batches in one launch (one start-up, not one per loader): the first loader's layouts as
+        themselves and last in the launch, the others' first, as loader variants (records.Case.with_loader)."""
+        todo = {loader: [lay for lay in unique(layouts) if generated.layout_name(lay) not in self.results.get(loader, {})]
+                for loader, layouts in plan.items()}
+        todo = {loader: layouts for loader, layouts in todo.items() if layouts}
+        if not todo:
+            return
+        first, *others = todo
+        cases = [case.with_loader(loader, needs_poison(loader)) for loader in others for case in self._publish(todo[loader])]
+        cases += self._publish(todo[first])
+        cfg = LaunchConfig(nproc=2, loader=first, case_timeout_s=CASE_TIMEOUT, poison=needs_poison(first))
+        results = runner.run_batch(self.root, cases, cfg)
+        for case in cases:
+            self.results.setdefault(case.loader or first, {})[case.reference_name] = results[case.name]
+
     def result(self, loader: str, layout: dict) -> CaseResult | None:
         """The verdicts, or None (and the layout noted as pending) when no launch has run it."""
         found = self.results.get(loader, {}).get(generated.layout_name(layout))

@@ -14,12 +14,14 @@ from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig
 
 CASES = ["llama-rope", "missing-head", "tied-embeddings"]
+# the OOM regression, in the same launch as its loader variant (records.Case.with_loader)
+OOM = catalogue.select(["big-llama"])[0].with_loader("zeros-like-era")
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    cfg = LaunchConfig(nproc=2, nnodes=2, case_timeout_s=120)
-    return runner.run_batch(tmp_path_factory.mktemp("two-nodes"), catalogue.select(CASES), cfg)
+    cfg = LaunchConfig(nproc=2, nnodes=2, case_timeout_s=300)
+    return runner.run_batch(tmp_path_factory.mktemp("two-nodes"), [*catalogue.select(CASES), OOM], cfg)
 
 
 def test_four_ranks_on_two_nodes_each_with_its_own_local_rank_0(two_nodes):
@@ -43,10 +45,9 @@ def test_every_rank_ends_equal_to_global_rank_0_and_a_plain_load(two_nodes, case
     assert bad == {}
 
 
-def test_memory_is_judged_per_node_each_local_rank_0_may_load(tmp_path_factory):
+def test_memory_is_judged_per_node_each_local_rank_0_may_load(two_nodes):
     """The OOM regression on 2 nodes: the ranks that only receive commit the model; each node's loader may."""
-    cfg = LaunchConfig(nproc=2, nnodes=2, loader="zeros-like-era", case_timeout_s=300)
-    result = runner.run_batch(tmp_path_factory.mktemp("two-nodes-big"), catalogue.select(["big-llama"]), cfg)["big-llama"]
+    result = two_nodes[OOM.name]
     problems = result.verdicts["memory"].problems
     flagged = sorted(p.rank for p in problems)
     assert flagged == [1, 3], render.lines(result.verdicts["memory"])  # LOCAL_RANK 1 on each node; rank 2 loads

@@ -21,13 +21,19 @@ from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Sta
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
 from tests.cli_batch import CliRun, run_cli
 
-# the first and the second case of one launch, under each config (a second case once went through DDP instead)
+# the first and the second case of one launch to prepare, under each config (a second case once went through DDP
+# instead)
 CASES = ["llama-rope", "bf16-checkpoint", "llama-rope@bf16", "bf16-checkpoint@bf16"]
+# the Trainer's wiring (loaders/trainer.py) in the same launch, as loader variants: first, before any preparation,
+# and last, after two; the stock cases between show it leaves the rank as it found it
+WIRING = ["llama-rope", "tied-embeddings"]
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return runner.run_batch(tmp_path_factory.mktemp("prep"), catalogue.select(CASES), LaunchConfig(nproc=2))
+    first, last = (c.with_loader("trainer-args") for c in catalogue.select(WIRING))
+    cases = [first, *catalogue.select(CASES), last]
+    return runner.run_batch(tmp_path_factory.mktemp("prep"), cases, LaunchConfig(nproc=2))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -168,21 +174,18 @@ def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, tmp_path, 
     assert py.returncode == 4 and message in py.stderr, py.stdout + py.stderr
 
 
-def test_the_trainers_wiring_is_reported_as_its_known_issue(tmp_path):
+def test_the_trainers_wiring_is_reported_as_its_known_issue(prepared):
     """TrainingArguments before from_pretrained under plain torchrun: every rank, every check, one exact symptom."""
-    from fsdp_load_checks import known_issues
-
-    cases = catalogue.select(["llama-rope", "tied-embeddings"])  # the second case of the launch too
-    results = runner.run_batch(tmp_path, cases, LaunchConfig(nproc=2, loader="trainer-args"))
-    for case in cases:
-        result = results[case.name]
+    for case in (c.with_loader("trainer-args") for c in catalogue.select(WIRING)):
+        result = prepared[case.name]
         assert {r: o.failure.exc_type for r, o in result.run.observations.items()} == {0: "PathNotExercised",
                                                                                        1: "PathNotExercised"}
-        outcomes = known_issues.outcomes(result, case, "trainer-args")
+        outcomes = known_issues.outcomes(result, case, "stock")  # the case's own loader counts, not the run's
         assert {o.status for o in outcomes.values()} == {"xfailed"}, outcomes
         assert {o.issues[0].key for o in outcomes.values()} == {"training-arguments-no-accelerate-use-fsdp"}
         # the same failure under a loader the issue is not registered for is a plain failure
-        assert {o.status for o in known_issues.outcomes(result, case, "stock").values()} == {"failed"}
+        stock = catalogue.select([case.reference_name])[0]
+        assert {o.status for o in known_issues.outcomes(result, stock, "stock").values()} == {"failed"}
 
 
 def test_after_loading_every_rank_saved_stepped_and_rank_0_left_a_checkpoint_that_loads_back(prepared):

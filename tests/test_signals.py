@@ -199,7 +199,8 @@ def test_the_cli_stopped_at_each_stage_ends_everything_and_reports_what_was_comp
 
 
 def test_pytest_stopped_with_a_worker_at_each_stage_ends_everything(tmp_path):
-    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_zoo.py"), "-n", "3", "-q",
+    # --dist load: one item per worker (the project's loadfile would give the one module to one worker)
+    cmd = [sys.executable, "-m", "pytest", str(REPO / "tests" / "test_zoo.py"), "-n", "3", "--dist", "load", "-q",
            "-p", "no:cacheprovider",
            "--nproc", "1", "--fsdp-batch-size", "1", "-k", "no-nan", "--basetemp", str(tmp_path / "base"),
            "--fsdp-cases", "signal-building,signal-launching,signal-midcase"]  # one item per case, one per worker
