@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_batch import CliRun, run_cli
+from tests.cli_batch import CliRun, run_cli, run_pytest
 
 CLI = [sys.executable, "-m", "fsdp_load_checks.cli"]
 
@@ -152,18 +152,21 @@ FRONT_END_ARGS = [["--fsdp-timeout", "0"], ["--fsdp-timeout", "inf"], ["--nproc"
 
 
 @pytest.fixture(scope="module")
-def front_end_cli_runs() -> dict[tuple[str, ...], CliRun]:
-    return {tuple(args): run for args, run in zip(FRONT_END_ARGS, run_cli([["zoo", *a] for a in FRONT_END_ARGS]))}
+def front_end_runs(tmp_path_factory) -> dict[tuple[str, ...], tuple[CliRun, CliRun]]:
+    """args -> (the CLI's run, pytest's run); each front end's runs in one interpreter (tests/cli_batch.py)."""
+    cli_runs = run_cli([["zoo", *a] for a in FRONT_END_ARGS])
+    zoo = str(Path(__file__).parent / "test_zoo.py")
+    pytest_runs = run_pytest([[*a, "--collect-only", "-q", "-p", "no:cacheprovider", zoo] for a in FRONT_END_ARGS],
+                             cwd=tmp_path_factory.mktemp("front-ends"))
+    return {tuple(args): runs for args, runs in zip(FRONT_END_ARGS, zip(cli_runs, pytest_runs))}
 
 
 @pytest.mark.parametrize("args", FRONT_END_ARGS)
-def test_both_front_ends_parse_an_option_the_same_way(args, tmp_path, front_end_cli_runs):
+def test_both_front_ends_parse_an_option_the_same_way(args, front_end_runs):
     """One option table: the CLI and the pytest plugin reject a bad value with the very same line."""
-    from_cli = front_end_cli_runs[tuple(args)].stderr.strip().removeprefix("fsdp-load-checks: error: ")
+    cli_run, proc = front_end_runs[tuple(args)]
+    from_cli = cli_run.stderr.strip().removeprefix("fsdp-load-checks: error: ")
     assert from_cli and "\n" not in from_cli, from_cli
-    proc = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider",
-                           str(Path(__file__).parent / "test_zoo.py")], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
     assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
     assert f"ERROR: {from_cli}" in proc.stderr, (from_cli, proc.stderr)
 

@@ -7,9 +7,12 @@ from functools import partial
 from fsdp_load_checks import known_issues, render
 from fsdp_load_checks.records import (
     Case,
+    CaseResult,
+    CaseRun,
     Failure,
     KnownIssue,
     MemoryExcess,
+    Observation,
     Phase,
     Problem,
     ProblemKind,
@@ -114,6 +117,21 @@ def test_a_patched_loader_inherits_no_stock_issue():
     c = case(PERSISTENT_BUFFER)
     verdict = Verdict("c", "buffers", [crash()])
     assert known_issues.classify(c, verdict, NEWEST, loader="fixed").status == Status.FAILED
+
+
+def test_a_loader_variant_shares_its_cases_checkpoint_and_plain_load_and_is_judged_under_its_own_loader():
+    base = Case("c", "test", dict).under("fsdp2-bf16", "bf16")
+    variant = base.with_loader("fixed", poison=True)
+    assert (variant.name, variant.loader, variant.poison, variant.accelerate_config) == ("c@bf16~fixed", "fixed", True,
+                                                                                        "fsdp2-bf16")
+    assert (variant.checkpoint_name, variant.reference_name) == ("c", "c@bf16")
+    reference = Observation(case="c", rank=-1, world_size=1)
+    reference.versions = dict(NEWEST)
+    result = CaseResult("c~fixed", CaseRun("c~fixed", 2), reference, {"buffers": Verdict("c", "buffers", [crash()])})
+    stock = case(PERSISTENT_BUFFER)
+    assert known_issues.outcomes(result, stock, "stock")["buffers"].status == Status.XFAILED
+    # the run's loader is stock, the variant's own is not: a patched loader inherits no stock issue
+    assert known_issues.outcomes(result, stock.with_loader("fixed"), "stock")["buffers"].status == Status.FAILED
 
 
 def test_min_rank_and_when_tagged_limit_a_symptom():

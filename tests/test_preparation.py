@@ -8,8 +8,6 @@ checks' own functions.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from fsdp_load_checks import accelerate_config, catalogue, checks, known_issues
 from fsdp_load_checks.parent import runner
 from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Status
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
-from tests.cli_batch import CliRun, run_cli
+from tests.cli_batch import CliRun, run_cli, run_pytest
 
 # the first and the second case of one launch to prepare, under each config (a second case once went through DDP
 # instead)
@@ -148,30 +146,31 @@ PYTEST_TOO = ("missing", "not-fsdp", "unknown-fsdp-key")  # one parser behind bo
 
 
 @pytest.fixture(scope="module")
-def bad_config_runs(tmp_path_factory) -> dict[str, tuple[Path, CliRun]]:
-    """kind -> (its YAML path, the CLI's run on it); every CLI run in one interpreter (tests/cli_batch.py)."""
+def bad_config_runs(tmp_path_factory) -> dict[str, tuple[CliRun, CliRun | None]]:
+    """kind -> (the CLI's run on its YAML, pytest's or None); each front end's runs in one interpreter
+    (tests/cli_batch.py)."""
     base = tmp_path_factory.mktemp("bad-configs")
     paths = {kind: base / f"{kind}.yaml" for kind in BAD_CONFIGS}
     for kind, (text, _) in BAD_CONFIGS.items():
         if text is not None:
             paths[kind].write_text(text)
     runs = run_cli([["zoo", "--accelerate-config", str(paths[kind])] for kind in BAD_CONFIGS])
-    return {kind: (paths[kind], run) for kind, run in zip(BAD_CONFIGS, runs)}
+    zoo = str(Path(__file__).parent / "test_zoo.py")
+    pytest_runs = run_pytest([["--fsdp-accelerate-config", str(paths[kind]), "--collect-only", "-q", zoo]
+                              for kind in PYTEST_TOO], cwd=base)
+    by_pytest = dict(zip(PYTEST_TOO, pytest_runs))
+    return {kind: (run, by_pytest.get(kind)) for kind, run in zip(BAD_CONFIGS, runs)}
 
 
 @pytest.mark.parametrize("kind", BAD_CONFIGS)
-def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, tmp_path, bad_config_runs):
+def test_a_bad_config_is_one_line_and_exit_2_in_both_front_ends(kind, bad_config_runs):
     message = BAD_CONFIGS[kind][1]
-    path, cli = bad_config_runs[kind]
+    cli, py = bad_config_runs[kind]
     assert cli.returncode == 2, cli.stderr
     lines = cli.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in cli.stderr, cli.stderr
-    if kind not in PYTEST_TOO:
-        return
-    tests = Path(__file__).parent / "test_zoo.py"
-    py = subprocess.run([sys.executable, "-m", "pytest", "--fsdp-accelerate-config", str(path), "--collect-only", "-q",
-                         str(tests)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert py.returncode == 4 and message in py.stderr, py.stdout + py.stderr
+    if py is not None:  # the pytest plugin says the same, as a usage error
+        assert py.returncode == 4 and message in py.stderr, py.stdout + py.stderr
 
 
 def test_the_trainers_wiring_is_reported_as_its_known_issue(prepared):
