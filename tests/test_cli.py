@@ -107,12 +107,15 @@ def test_bad_input_gets_one_line_and_exit_2(args, message, bad_input_runs):
 def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tmp_path):
     md, xml, js = tmp_path / "r.md", tmp_path / "r.xml", tmp_path / "r.json"
     proc = cli("check", str(tiny_gpt2), "--nproc", "2", "--markdown", str(md), "--junit", str(xml), "--json", str(js))
+    # a tied model: save_pretrained writes the gathered tie twice, a known upstream issue: expected, not failed
+    # (exit 0, said so, xfail in every report); the rest passes
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # a tied model: save_pretrained writes the gathered tie twice (known issue), the rest passes
+    assert "5 passed, 1 known upstream issue(s), 0 failed" in " ".join(proc.stdout.split()), proc.stdout
     assert "| tiny-gpt2 | pass | pass | pass | pass | skip | xfail | pass |" in md.read_text()
     assert 'tests="7" failures="0"' in xml.read_text()
     data = json.loads(js.read_text())
     assert data["passed"] and data["cases"][0]["status"]["buffers"] == "passed"
+    assert data["cases"][0]["status"]["state-dict"] == "xfailed"
     # loaded with the class config.json names, and the report says which output the forward check compared
     assert (data["cases"][0]["model_class"], data["cases"][0]["output"]) == ("GPT2LMHeadModel", "logits")
     assert data["cases"][0]["inputs"] == ["input_ids"]  # what the forward and the train step were fed
@@ -128,15 +131,6 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
                 "cleanup"} <= set(seconds[rank]), seconds[rank]
         assert all(s >= 0 for s in seconds[rank].values()) and seconds[rank]["startup"] > 0
     assert set(seconds["-1"]) == {"checkpoint", "reference"}
-
-
-def test_a_known_upstream_issue_is_expected_not_failed(tmp_path):
-    js = tmp_path / "r.json"
-    proc = cli("zoo", "--cases", "deepseek-router-bias", "--json", str(js))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    status = json.loads(js.read_text())["cases"][0]["status"]
-    assert status["buffers"] == "xfailed", status  # accelerate-3898 on the stock stack
-    assert "known upstream issue" in proc.stdout
 
 
 def test_a_failed_check_exits_1_and_names_rank_and_tensor(tmp_path):

@@ -18,7 +18,7 @@ import psutil
 from fsdp_load_checks import render
 from fsdp_load_checks.parent import launch
 from fsdp_load_checks.parent.watchdog import read_progress
-from fsdp_load_checks.records import LaunchConfig
+from fsdp_load_checks.records import LaunchConfig, LostHow
 
 # every launch is 2-3 processes importing torch (~150 MB anonymous memory, ~10 s of CPU each launch). One wave,
 # all started at once, is the densest contention for ports and directories; 8 is what the densest real run
@@ -82,11 +82,14 @@ def test_a_port_that_stays_taken_is_reported_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "free_port", lambda: port)
     cfg = LaunchConfig(nproc=1, nnodes=2, startup_timeout_s=120)
     start = time.monotonic()
+    # the launches alone (runner.run_tasks): no rank starts, so no checkpoint or plain load is ever needed
+    task = runner.task_for(tmp_path, catalogue.select(["llama-rope"])[0])
     try:
-        result = runner.run_batch(tmp_path, catalogue.select(["llama-rope"]), cfg)["llama-rope"]
+        run = runner.run_tasks([task], cfg, tmp_path / "launches")["llama-rope"]
     finally:
         taken.close()
-    line = render.lines(result.verdicts["buffers"])[0]
+    assert run.lost and not run.observations and {lost.how for lost in run.lost} == {LostHow.NEVER_STARTED}, run
+    line = render.lost_line(run.lost[0])  # what every check of the case says first, after "llama-rope: "
     assert f"rendezvous port 127.0.0.1:{port} was in use 3 times in a row" in line, line
     # a dead agent ends the launch: its peer is not waited for until the start-up timeout
     assert time.monotonic() - start < cfg.startup_timeout_s
