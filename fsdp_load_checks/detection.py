@@ -22,7 +22,7 @@ from fsdp_load_checks import catalogue
 from fsdp_load_checks.checks import CHECKS
 from fsdp_load_checks.loaders import FIXED_LOADER
 from fsdp_load_checks.loaders.regressions import REGRESSIONS
-from fsdp_load_checks.parent.runner import run_batch
+from fsdp_load_checks.parent.runner import by_loader, run_batch
 from fsdp_load_checks.records import Case, CaseResult, LaunchConfig
 
 
@@ -56,10 +56,7 @@ def run_detection(root, nproc: int = 2, **config) -> dict[str, dict[str, CaseRes
     a variant's result under the name of the case it varies."""
     cases = detection_cases()
     results = run_batch(Path(root), cases, LaunchConfig(nproc=nproc, loader=FIXED_LOADER, **config))
-    runs: dict[str, dict[str, CaseResult]] = {loader: {} for loader in detection_plan()}
-    for case in cases:
-        runs[case.loader or FIXED_LOADER][case.reference_name] = results[case.name]
-    return runs
+    return {loader: {} for loader in detection_plan()} | by_loader(cases, results, FIXED_LOADER)
 
 
 def crashed(result: CaseResult) -> bool:

@@ -118,33 +118,28 @@ class Runs:
         generated.write_layouts(self.file, list(self.known.values()))
         return [generated.layout_case(lay) for lay in layouts]
 
-    def launch(self, loader: str, layouts: list[dict]) -> None:
-        cfg = LaunchConfig(nproc=2, loader=loader, case_timeout_s=CASE_TIMEOUT, poison=needs_poison(loader))
-        results = runner.run_batch(self.root, self._publish(layouts), cfg)
-        self.results.setdefault(loader, {}).update(results)
-
-    def batch(self, loader: str, layouts: list[dict]) -> float:
-        start = time.monotonic()
-        todo = [lay for lay in unique(layouts) if generated.layout_name(lay) not in self.results.get(loader, {})]
-        if todo:
-            self.launch(loader, todo)
-        return time.monotonic() - start
+    def launch(self, plan: dict[str, list[dict]]) -> None:
+        """One batch, whatever the loaders (one start-up, not one per loader): the first loader's layouts as
+        themselves and last in the launch, the others' before them, as loader variants (records.Case.with_loader)."""
+        first, *others = plan
+        cases = [case.with_loader(loader, needs_poison(loader)) for loader in others for case in self._publish(plan[loader])]
+        cases += self._publish(plan[first])
+        cfg = LaunchConfig(nproc=2, loader=first, case_timeout_s=CASE_TIMEOUT, poison=needs_poison(first))
+        for loader, results in runner.by_loader(cases, runner.run_batch(self.root, cases, cfg), first).items():
+            self.results.setdefault(loader, {}).update(results)
 
     def batches(self, plan: dict[str, list[dict]]) -> None:
-        """Several loaders' batches in one launch (one start-up, not one per loader): the first loader's layouts as
-        themselves and last in the launch, the others' first, as loader variants (records.Case.with_loader)."""
+        """Each loader's layouts no launch has run yet, in one launch."""
         todo = {loader: [lay for lay in unique(layouts) if generated.layout_name(lay) not in self.results.get(loader, {})]
                 for loader, layouts in plan.items()}
         todo = {loader: layouts for loader, layouts in todo.items() if layouts}
-        if not todo:
-            return
-        first, *others = todo
-        cases = [case.with_loader(loader, needs_poison(loader)) for loader in others for case in self._publish(todo[loader])]
-        cases += self._publish(todo[first])
-        cfg = LaunchConfig(nproc=2, loader=first, case_timeout_s=CASE_TIMEOUT, poison=needs_poison(first))
-        results = runner.run_batch(self.root, cases, cfg)
-        for case in cases:
-            self.results.setdefault(case.loader or first, {})[case.reference_name] = results[case.name]
+        if todo:
+            self.launch(todo)
+
+    def batch(self, loader: str, layouts: list[dict]) -> float:
+        start = time.monotonic()
+        self.batches({loader: layouts})
+        return time.monotonic() - start
 
     def result(self, loader: str, layout: dict) -> CaseResult | None:
         """The verdicts, or None (and the layout noted as pending) when no launch has run it."""
@@ -233,7 +228,7 @@ def find_and_shrink(runs: Runs, loader: str, ok: frozenset[str], launches: int =
         runs.shrink_launches[loader] += 1
         launch_dir = runs.root / "launches" / loader
         before = len(list(launch_dir.glob("launch-*"))) if launch_dir.exists() else 0
-        runs.launch(loader, todo[: runs.shrink_batch.get(loader, SHRINK_BATCH)])
+        runs.launch({loader: todo[: runs.shrink_batch.get(loader, SHRINK_BATCH)]})
         if len(list(launch_dir.glob("launch-*"))) - before > 2:
             # ranks that fail differently (one raises) cost a relaunch per case: fewer speculative candidates
             runs.shrink_batch[loader] = max(4, runs.shrink_batch.get(loader, SHRINK_BATCH) // 2)

@@ -7,6 +7,7 @@ fsdp_load_checks/detection.py)."""
 from __future__ import annotations
 
 import re
+
 import pytest
 
 from fsdp_load_checks import catalogue, detection, render

@@ -25,7 +25,8 @@ def reload_saved(runs: dict[str, CaseRun], cases: dict[str, Case], reference: Re
         if rank0 is None or not rank0.saved_dir:
             continue
         if Path(rank0.saved_dir).is_dir():
-            jobs.append({"case": cases[name].reference_name, "directory": rank0.saved_dir, "out": f"{rank0.saved_dir}.reload.pt"})
+            out = f"{rank0.saved_dir}.reload.pt"
+            jobs.append({"case": cases[name].reference_name, "directory": rank0.saved_dir, "out": out})
             names.append(name)
         else:  # said it saved, left nothing: judged as a failed reload, never as nothing to judge
             gone = f"rank 0's save_pretrained directory {rank0.saved_dir} does not exist"

@@ -179,6 +179,15 @@ def judge(root: Path, cases: list[Case], runs: dict[str, CaseRun]) -> dict[str, 
     return results
 
 
+def by_loader(cases: list[Case], results: dict[str, CaseResult], loader: str) -> dict[str, dict[str, CaseResult]]:
+    """A batch's results per loader (a loader variant's own, `loader` for the rest: the batch's), each under the
+    name of the case it varies (`Case.reference_name`: a variant's base, any other case's own name)."""
+    out: dict[str, dict[str, CaseResult]] = {}
+    for case in cases:
+        out.setdefault(case.loader or loader, {})[case.reference_name] = results[case.name]
+    return out
+
+
 def run_batch_once(root: Path, key: str, cases: list[Case], cfg: LaunchConfig) -> dict[str, CaseResult]:
     """`run_batch`, computed by whichever process gets here first and read back by the others."""
     store = root / "batches" / f"{key}.pt"
