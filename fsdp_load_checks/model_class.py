@@ -54,11 +54,12 @@ def _registered(name: str) -> type | None:
 
 @functools.cache
 def _transformers_names() -> frozenset[str]:
-    """Every public name of transformers: its lazy module lists them without importing them. Once per process:
-    the listing costs ~0.9 s (transformers 5.24), a sixth of a toy case when paid per case."""
+    """Every public name of transformers: its lazy module lists them (`__all__`) without importing them, and the
+    ones imported so far are attributes. What `dir(transformers)` gives, without its quadratic merge of the two
+    lists (0.45 s per process on transformers 5.24: every rank and reference process paid it)."""
     import transformers
 
-    return frozenset(dir(transformers))
+    return frozenset(vars(transformers)) | frozenset(getattr(transformers, "__all__", ()))
 
 
 def resolve(name: str) -> type:

@@ -8,6 +8,7 @@ Processes only record; verdicts are made in the parent (checks.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -27,6 +28,7 @@ from fsdp_load_checks.records import (
     TensorRecord,
     TrainStep,
 )
+from fsdp_load_checks.gather import full_tensors
 from fsdp_load_checks.inputs import model_inputs
 from fsdp_load_checks.tensors import non_persistent_names
 
@@ -87,22 +89,19 @@ def observe_tensors(
 ) -> tuple[dict[str, TensorRecord], list[tuple[str, ...]]]:
     """Every parameter and buffer under every name it is registered as, and the tied parameter names.
 
-    Gathering DTensors is a collective, so every rank must walk the same
-    names in the same order: module registration order is the same on all.
+    Gathering DTensors is a collective (gather.full_tensors: small shards
+    several per collective), so every rank must walk the same names in the
+    same order: module registration order is the same on all.
     """
-    tensors: dict[str, TensorRecord] = {}
     by_identity: dict[int, list[str]] = {}
+    named = []
     for name, param in model.named_parameters(remove_duplicate=False):
         by_identity.setdefault(id(param), []).append(name)
-        if before_gather:
-            before_gather()
-        tensors[name] = record(name, TensorKind.PARAMETER, param)
+        named.append(((name, TensorKind.PARAMETER), param))
     non_persistent = non_persistent_names(model)
     for name, buf in model.named_buffers(remove_duplicate=False):
-        if before_gather:
-            before_gather()
-        kind = TensorKind.NON_PERSISTENT if name in non_persistent else TensorKind.BUFFER
-        tensors[name] = record(name, kind, buf)
+        named.append(((name, TensorKind.NON_PERSISTENT if name in non_persistent else TensorKind.BUFFER), buf))
+    tensors = {name: record(name, kind, full) for (name, kind), full in full_tensors(named, before_gather)}
     ties = [tuple(names) for names in by_identity.values() if len(names) > 1]
     return tensors, ties
 
@@ -224,7 +223,13 @@ def read_reload(path: str) -> Reload:
 
 
 def stack_versions() -> dict[str, str]:
-    """Installed versions of torch, transformers and accelerate ("absent" if not installed)."""
+    """Installed versions of torch, transformers and accelerate ("absent" if not installed), a fresh dict."""
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> dict[str, str]:
+    # once per process: importlib.metadata scans every installed distribution (~10 ms, paid per case before)
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

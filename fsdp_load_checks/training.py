@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from fsdp_load_checks.gather import full_tensors
 from fsdp_load_checks.inputs import model_inputs
 from fsdp_load_checks.observe import primary_output, record
 from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
@@ -100,19 +101,11 @@ def parameters(model: torch.nn.Module, before_gather: Callable[[], None] | None 
 
 
 def _gathered(model, of: Callable, before_gather, keep: bool) -> dict[str, TensorRecord]:
-    from torch.distributed.tensor import DTensor
-
+    named = [(name, t) for name, param in model.named_parameters(remove_duplicate=False) if (t := of(param)) is not None]
     out = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        tensor = of(param)
-        if tensor is None:
-            continue
-        if before_gather:
-            before_gather()
+    for name, full in full_tensors(named, before_gather):  # every rank takes part in each gather rank 0 records
         if keep:
-            out[name] = record(name, TensorKind.PARAMETER, tensor)
-        elif isinstance(tensor, DTensor):
-            tensor.full_tensor()  # this rank's part of the gather rank 0 records
+            out[name] = record(name, TensorKind.PARAMETER, full)
     return out
 
 

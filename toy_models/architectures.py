@@ -781,10 +781,11 @@ def _case(model_type: str, cls_name: str, kw: dict, guards: str, persistent: boo
 
 
 def _installed() -> set[str]:
-    """Names the installed transformers exports (its lazy module lists them without importing them)."""
+    """Names the installed transformers exports: its lazy module lists them (`__all__`) without importing them.
+    Not `dir(transformers)`, which merges that list quadratically (0.45 s in every process building the catalogue)."""
     import transformers
 
-    return set(dir(transformers))
+    return set(vars(transformers)) | set(getattr(transformers, "__all__", ()))
 
 
 def _available_cases() -> list[Case]:

@@ -141,7 +141,7 @@ def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Cal
     """Checkpoints and references, one launch per accelerate config (more after a crash or hang), every verdict."""
     timeout_s = cfg.startup_timeout_s + cfg.case_timeout_s * len(cases)
     with ReferenceProcess(root, cases, cfg.accelerate_config) as reference:  # ended on leaving, by any way
-        reference.built(timeout_s)
+        reference.checkpoints_built(timeout_s)  # the plain loads are observed while the ranks run
         return _launch_and_judge(root, cases, cfg, reference, timeout_s, on_progress)
 
 
@@ -158,9 +158,12 @@ def _launch_and_judge(root: Path, cases: list[Case], cfg: LaunchConfig, referenc
         with gpus:
             for launch_cfg, tasks in groups.values():
                 run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
+        reference.built(timeout_s)  # every plain load, before the verdicts and the reloads that follow them
         reload_saved(runs, {c.name: c for c in cases}, reference, timeout_s)  # the state-dict check's plain reload
     except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts
-        stopped.results = judge(root, [c for c in cases if c.name in runs], runs)
+        # complete: every rank's result and the plain load (observed while the ranks ran) are on disk
+        done = [c for c in cases if c.name in runs and reference_path(root, c.reference_name).exists()]
+        stopped.results = judge(root, done, runs)
         raise
     return judge(root, cases, runs)
 

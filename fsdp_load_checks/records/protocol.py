@@ -12,7 +12,9 @@ from pathlib import Path
 
 EXIT_DIVERGED = 3  # ranks disagreed about a case; the parent relaunches what is left
 
-# the reference process's lines on stdout under --serve (reference/__main__.py): built, then one per reload job file
+# the reference process's lines on stdout under --serve (reference/__main__.py): the checkpoints are on disk (a
+# launch may start), every plain load is observed (the verdicts may be made), then one per reload job file
+REFERENCE_CHECKPOINTS = "CHECKPOINTS"
 REFERENCE_BUILT = "BUILT"
 REFERENCE_RELOADED = "RELOADED"
 

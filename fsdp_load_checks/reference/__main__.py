@@ -5,10 +5,13 @@ observation, each behind a file lock and written once per run root.
 
 With `--serve` the process stays for its batch (one interpreter, not two, per
 batch: an interpreter importing torch, transformers and accelerate costs ~9 s
-of CPU): it says `BUILT` on stdout, then reads job files from stdin, one path
-per line, reloads what rank 0's `save_pretrained` wrote (reference/reload.py)
-and says `RELOADED` after each; it exits at end of input. Everything else the
-process prints goes to stderr, so stdout carries only those lines.
+of CPU): it says `CHECKPOINTS` on stdout once every checkpoint is on disk (the
+parent starts the launch then: the plain loads are made while the ranks start
+and run), `BUILT` once every plain load is observed, then reads job files from
+stdin, one path per line, reloads what rank 0's `save_pretrained` wrote
+(reference/reload.py) and says `RELOADED` after each; it exits at end of
+input. Everything else the process prints goes to stderr, so stdout carries
+only those lines.
 """
 
 from __future__ import annotations
@@ -26,18 +29,23 @@ from filelock import FileLock
 from fsdp_load_checks import accelerate_config, checkpoints, observe
 from fsdp_load_checks.catalogue import all_cases
 from fsdp_load_checks.records import Case
-from fsdp_load_checks.records.protocol import REFERENCE_BUILT, REFERENCE_RELOADED, reference_path
+from fsdp_load_checks.records.protocol import REFERENCE_BUILT, REFERENCE_CHECKPOINTS, REFERENCE_RELOADED, reference_path
 from fsdp_load_checks.reference.plain import observe_plain
 from fsdp_load_checks.reference.reload import run_jobs
 
 
-def materialize(root: Path, cases: list[Case], run_config: str) -> None:
-    """Each case's checkpoint, then its plain load under its accelerate config (the run's unless its own)."""
+def build_checkpoints(root: Path, cases: list[Case]) -> dict[str, float]:
+    """Each case's checkpoint (checkpoints.build: once per run root); case -> seconds it took here."""
     built = {}
     for case in cases:
         started = time.monotonic()
         checkpoints.build(root, case)
         built[case.name] = round(time.monotonic() - started, 4)  # ~0 where another process built it
+    return built
+
+
+def observe_references(root: Path, cases: list[Case], run_config: str, built: dict[str, float]) -> None:
+    """Each case's plain load under its accelerate config (the run's unless its own), from its built checkpoint."""
     for case in cases:
         out = reference_path(root, case.name)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,11 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     catalogue = all_cases()
     gc.freeze()  # the imports live for the process: the collector's automatic passes skip them (rank/case.py)
-    materialize(args.root, [catalogue[n] for n in args.cases], args.accelerate_config)
+    cases = [catalogue[n] for n in args.cases]
+    built = build_checkpoints(args.root, cases)
+    if args.serve:
+        print(REFERENCE_CHECKPOINTS, file=said)
+    observe_references(args.root, cases, args.accelerate_config, built)
     if args.serve:
         print(REFERENCE_BUILT, file=said)
         for line in sys.stdin:

@@ -1,0 +1,49 @@
+"""gather.full_tensors: the bytes `DTensor.full_tensor()` gives, several small shards per collective.
+
+The multi-rank equivalence is what every zoo case checks (parameters, gradients and buffers bit-equal to
+the plain load, `uneven-shards` included); here, the split it assumes and the byte packing of every dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsdp_load_checks import gather
+
+
+@given(n=st.integers(1, 300), world=st.integers(1, 16))
+def test_rows_are_torch_chunks_split_over_ranks(n, world):
+    chunks = [c.shape[0] for c in torch.arange(n).chunk(world)]
+    chunks += [0] * (world - len(chunks))  # torch.chunk may give fewer chunks than ranks: the last hold nothing
+    chunk = -(-n // world)
+    assert [gather._rows(n, chunk, r) for r in range(world)] == chunks
+
+
+def test_grouped_gather_gives_full_tensor_bytes_for_every_dtype(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(0)
+        plain = {
+            "f32": torch.randn(5, 3, generator=g),
+            "bf16": torch.randn(7, generator=g).bfloat16(),
+            "i64": torch.arange(6).view(3, 2),
+            "bool": torch.rand(4, 2, generator=g) > 0.5,
+            "big": torch.randn(gather.GROUP_BYTES // 4 + 1, generator=g),  # over a group: gathered alone
+        }
+        items = [(k, distribute_tensor(v, mesh, [Shard(0)])) for k, v in plain.items()]
+        items.append(("plain", torch.ones(2)))  # passed through
+        ticks = []
+        out = dict(gather.full_tensors(items, before_gather=lambda: ticks.append(1)))
+        assert list(out) == [*plain, "plain"]
+        for k, v in plain.items():
+            assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+        assert len(ticks) == 2  # one collective for the four small tensors, one for the big one
+    finally:
+        dist.destroy_process_group()
