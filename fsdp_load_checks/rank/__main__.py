@@ -50,7 +50,10 @@ def main(argv: list[str]) -> None:
     # rather than as a collective timeout on the rank that was waiting for it
     dist.init_process_group(spec.backend, timeout=timedelta(seconds=spec.case_timeout_s + PG_TIMEOUT_MARGIN_S))
     export_env(spec.accelerate_env)  # what `accelerate launch --config_file` would have exported
-    # an empty launch only proves the rendezvous
+    if not spec.tasks:
+        # an empty launch only proves the rendezvous: every rank waits until all are connected, or the first
+        # to finish exits while a slower peer still connects to it (gloo: "Connection closed by peer" there)
+        dist.barrier()
     accelerator = make_accelerator(device, spec.accelerate_env) if spec.tasks else None
 
     # process start (interpreter, torch import, rendezvous, Accelerator) to the first case: paid once per launch
