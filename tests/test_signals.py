@@ -50,8 +50,14 @@ class Run:
         self.stdout = self.stderr = ""
 
     def launches(self, case: str) -> list[Path]:
-        dirs = self.root.glob("launches/*/launch-*")
-        return [d for d in dirs if case in (d / "spec.json").read_text(errors="ignore")]
+        out = []
+        for d in self.root.glob("launches/*/launch-*"):
+            try:
+                if case in (d / "spec.json").read_text(errors="ignore"):
+                    out.append(d)
+            except FileNotFoundError:  # made, its spec not written yet: the launch has not started
+                pass
+        return out
 
     def progress(self, case: str) -> list[dict]:
         out = []
