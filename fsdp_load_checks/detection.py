@@ -6,8 +6,8 @@ One batch: the fixed loader over every toy case (it must pass everything),
 and beside it each regression over the fewest toy cases that show it
 (`Regression.cases`), each such case as its loader variant
 (`<case>~<regression>`, `Case.with_loader`): the same checkpoint and plain
-load, its own loader in the ranks. One launch per accelerate config, not one
-per loader: each launch costs ~30 s of CPU in interpreters before any case
+load, its own loader in the ranks. One launch, not one per loader or per
+accelerate config: each launch costs ~30 s of CPU in interpreters before any case
 (torchrun's agent and two ranks importing torch, transformers and
 accelerate). tests/test_detection.py asserts the matrix; the README prints it.
 """
@@ -52,7 +52,7 @@ def detection_cases() -> list[Case]:
 
 
 def run_detection(root, nproc: int = 2, **config) -> dict[str, dict[str, CaseResult]]:
-    """The whole plan in one batch (one torchrun launch per accelerate config): loader -> {case: CaseResult},
+    """The whole plan in one batch (one torchrun launch, every accelerate config): loader -> {case: CaseResult},
     a variant's result under the name of the case it varies."""
     cases = detection_cases()
     results = run_batch(Path(root), cases, LaunchConfig(nproc=nproc, loader=FIXED_LOADER, **config))

@@ -77,7 +77,8 @@ def _gather_group(tensors: list) -> list[torch.Tensor]:
     all_gather(received, send, group=mesh.get_group())
     fulls, offset = [], 0
     for t, (n, row, chunk) in zip(tensors, layouts):
-        parts = [received[r * per_rank + offset : r * per_rank + offset + _rows(n, chunk, r) * row] for r in range(world)]
+        starts = [r * per_rank + offset for r in range(world)]
+        parts = [received[start : start + _rows(n, chunk, r) * row] for r, start in enumerate(starts)]
         fulls.append(torch.cat(parts).view(t.dtype).view(t.shape))
         offset += chunk * row
     return fulls

@@ -9,7 +9,7 @@ idle while it runs. Modules not listed follow, in file order.
 from __future__ import annotations
 
 LONGEST_FIRST = [
-    "test_zoo",  # ~340 s: the zoo's two launches
+    "test_zoo",  # ~300 s: the zoo's launch
     "test_cli",  # ~210 s
     "test_detection",  # ~190 s
     "test_concurrency",  # ~190 s

@@ -148,7 +148,7 @@ def observe_overhead_bound(memory) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, dict]:
-    """loader -> {case: CaseResult}: the whole plan in one batch (a launch per accelerate config)."""
+    """loader -> {case: CaseResult}: the whole plan in one batch (one launch, both accelerate configs)."""
     return detection.run_detection(tmp_path_factory.mktemp("detection"))
 
 

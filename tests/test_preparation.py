@@ -19,8 +19,8 @@ from fsdp_load_checks.records import LaunchConfig, Observation, ProblemKind, Sta
 from fsdp_load_checks.reference.plain import cast_for_compute, upcast_trainable
 from tests.cli_batch import CliRun, run_cli, run_pytest
 
-# the first and the second case of one launch to prepare, under each config (a second case once went through DDP
-# instead)
+# the first and the second case to prepare under each config's Accelerator, the bf16 ones after the switch
+# (rank/prepare.py remake_accelerator) in the same launch (a second case once went through DDP instead)
 CASES = ["llama-rope", "bf16-checkpoint", "llama-rope@bf16", "bf16-checkpoint@bf16"]
 # the Trainer's wiring (loaders/trainer.py) in the same launch, as loader variants: first, before any preparation,
 # and last, after two; the stock cases between show it leaves the rank as it found it
@@ -55,6 +55,16 @@ def test_every_rank_went_through_accelerator_prepare(prepared, case):
     # the stock stack: a bf16 checkpoint under bf16 saves its fp32 master weights (a registered upstream issue)
     outcomes = known_issues.outcomes(result, catalogue.all_cases()[case], "stock")
     assert all(o.status != Status.FAILED for o in outcomes.values()), case
+
+
+def test_both_configs_run_in_one_launch_each_case_under_its_own(prepared, tmp_path):
+    # one launch: the ranks switched Accelerator between the configs (rank/prepare.py remake_accelerator); the
+    # per-case configs themselves are asserted above, from accelerate's own bookkeeping on every rank
+    assert len({result.run.launch_dir for result in prepared.values()}) == 1
+    bf16 = runner.task_for(tmp_path, catalogue.select(["llama-rope@bf16"])[0])
+    bf16_env = accelerate_config.load(accelerate_config.BF16).env
+    assert (bf16.accelerate_config, bf16.accelerate_env) == (accelerate_config.BF16, bf16_env)
+    assert runner.task_for(tmp_path, catalogue.select(["llama-rope"])[0]).accelerate_env is None  # the launch's
 
 
 def test_under_bf16_the_prepared_parameters_are_fp32_master_weights(prepared):

@@ -8,7 +8,6 @@ asking for the same cases launch them once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,20 +124,16 @@ def materialize(root: Path, cases: list[Case], timeout_s: float, run_config: str
 
 
 def task_for(root: Path, case: Case) -> RankTask:
-    return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed, case.fault,
-                    case.model_class, case.after_loading, case.loader, case.poison)
-
-
-def config_for(case: Case, cfg: LaunchConfig) -> LaunchConfig:
-    """The launch configuration a case runs under: the run's, or its own accelerate config (`Case.under`)."""
-    name = case.accelerate_config or cfg.accelerate_config
-    if name == cfg.accelerate_config:
-        return cfg
-    return dataclasses.replace(cfg, accelerate_config=name, accelerate_env=accelerate_config.load(name).env)
+    """What the ranks are told of a case; one under its own accelerate config (`Case.under`) carries the config's
+    environment, and the ranks switch to it for that case (rank/prepare.py `remake_accelerator`)."""
+    env = accelerate_config.load(case.accelerate_config).env if case.accelerate_config else None
+    return RankTask(case.name, str(checkpoints.checkpoint_dir(root, case)), case.dtype, list(case.imports), case.seed,
+                    case.fault, case.model_class, case.after_loading, case.loader, case.poison, case.accelerate_config,
+                    env)
 
 
 def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Callable | None = None) -> dict[str, CaseResult]:
-    """Checkpoints and references, one launch per accelerate config (more after a crash or hang), every verdict."""
+    """Checkpoints and references, one launch (more after a crash or hang), every verdict."""
     timeout_s = cfg.startup_timeout_s + cfg.case_timeout_s * len(cases)
     with ReferenceProcess(root, cases, cfg.accelerate_config) as reference:  # ended on leaving, by any way
         reference.checkpoints_built(timeout_s)  # the plain loads are observed while the ranks run
@@ -147,17 +142,13 @@ def run_batch(root: Path, cases: list[Case], cfg: LaunchConfig, on_progress: Cal
 
 def _launch_and_judge(root: Path, cases: list[Case], cfg: LaunchConfig, reference: ReferenceProcess, timeout_s: float,
                       on_progress: Callable | None) -> dict[str, CaseResult]:
-    groups: dict[str, tuple[LaunchConfig, list[RankTask]]] = {}
-    for case in cases:
-        launch_cfg = config_for(case, cfg)
-        groups.setdefault(launch_cfg.accelerate_config, (launch_cfg, []))[1].append(task_for(root, case))
+    tasks = [task_for(root, case) for case in cases]  # every accelerate config in one launch (RankTask.accelerate_env)
     # every nccl rank owns a GPU: concurrent launches (pytest-xdist workers) take the GPUs in turn
     gpus = FileLock(str(GPU_LOCK)) if cfg.backend == "nccl" else contextlib.nullcontext()
     runs: dict[str, CaseRun] = {}
     try:
         with gpus:
-            for launch_cfg, tasks in groups.values():
-                run_tasks(tasks, launch_cfg, root / "launches" / cfg.loader, on_progress, runs)
+            run_tasks(tasks, cfg, root / "launches" / cfg.loader, on_progress, runs)
         reference.built(timeout_s)  # every plain load, before the verdicts and the reloads that follow them
         reload_saved(runs, {c.name: c for c in cases}, reference, timeout_s)  # the state-dict check's plain reload
     except stop.Stopped as stopped:  # every process is gone; the cases complete by then still get verdicts

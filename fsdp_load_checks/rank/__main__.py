@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     import torch.distributed as dist
 
     from fsdp_load_checks import observe
-    from fsdp_load_checks.rank.prepare import export_env, make_accelerator
+    from fsdp_load_checks.rank.prepare import export_env, make_accelerator, remake_accelerator
 
     if spec.backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -59,8 +59,13 @@ def main(argv: list[str]) -> None:
     # process start (interpreter, torch import, rendezvous, Accelerator) to the first case: paid once per launch
     startup_s = time.time() - psutil.Process().create_time()
     code = 0
+    env = spec.accelerate_env
     for index, task in enumerate(spec.tasks):
-        obs = run_case(task, spec, accelerator, device, progress)
+        task_spec = spec.for_task(task)  # a case under its own accelerate config (records.Case.under)
+        if task_spec.accelerate_env != env:
+            accelerator = remake_accelerator(accelerator, device, env, task_spec.accelerate_env)
+            env = task_spec.accelerate_env
+        obs = run_case(task, task_spec, accelerator, device, progress)
         if index == 0:
             obs.seconds = {"startup": round(startup_s, 4), **obs.seconds}
         observe.write(obs, str(result_path(out_dir, task.case, rank)))

@@ -2,7 +2,8 @@
 
 Every rank exports the environment `accelerate launch --config_file` would
 have exported (`accelerate_config.py` builds it in the parent), builds one
-`Accelerator` per launch and, per case, a fresh
+`Accelerator` per launch (another, from scratch, when a case runs under
+another config: `remake_accelerator`) and, per case, a fresh
 `FullyShardedDataParallelPlugin()` that reads that environment, then calls
 `accelerator.prepare(model, AdamW(model.parameters()))`, which is
 accelerate's `_prepare_fsdp2`: wrap policy, activation checkpointing,
@@ -50,7 +51,7 @@ def _force_fsdp_on_cpu(accelerator) -> None:
 
 
 def make_accelerator(device: torch.device, env: dict[str, str]):
-    """One Accelerator per launch, configured from `env` (mixed precision from ACCELERATE_MIXED_PRECISION)."""
+    """The launch's Accelerator, configured from `env` (mixed precision from ACCELERATE_MIXED_PRECISION)."""
     from accelerate import Accelerator
 
     export_env(env)
@@ -58,6 +59,25 @@ def make_accelerator(device: torch.device, env: dict[str, str]):
     if device.type == "cpu":
         _force_fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def remake_accelerator(accelerator, device: torch.device, old_env: dict[str, str], env: dict[str, str]):
+    """A new Accelerator for a case under another accelerate config, built as a fresh process builds it.
+
+    accelerate keeps one state per process (AcceleratorState, PartialState, GradientState: shared dicts);
+    an Accelerator under another mixed precision raises while it is set. Resetting all three, as
+    accelerate's own tests do between configs (test_utils `AccelerateTestCase.tearDown`), leaves only the
+    process group, which PartialState finds initialised and keeps; the old config's variables the new one
+    does not set are removed, as in a process `accelerate launch` started with the new config.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.free_memory()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    for key in old_env.keys() - env.keys():
+        os.environ.pop(key, None)
+    return make_accelerator(device, env)
 
 
 def fresh_plugin(accelerator, env: dict[str, str]):

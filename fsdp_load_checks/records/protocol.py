@@ -7,7 +7,7 @@ is, for the watchdog), its log, and one result file per case, atomically.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 EXIT_DIVERGED = 3  # ranks disagreed about a case; the parent relaunches what is left
@@ -53,6 +53,9 @@ class RankTask:
     after_loading: bool = True  # records.Case.after_loading
     loader: str | None = None  # records.Case.loader: None is the launch's (LaunchSpec.loader)
     poison: bool = False  # records.Case.poison
+    # records.Case.under: a case under its own accelerate config (name, and the env it exports); None: the launch's
+    accelerate_config: str | None = None
+    accelerate_env: dict[str, str] | None = None
 
 
 @dataclass
@@ -71,6 +74,13 @@ class LaunchSpec:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
+
+    def for_task(self, task: RankTask) -> LaunchSpec:
+        """The spec as one task runs under it: its own accelerate config where it has one."""
+        if task.accelerate_env is None:
+            return self
+        return replace(self, accelerate_config=task.accelerate_config or self.accelerate_config,
+                       accelerate_env=task.accelerate_env)
 
     @classmethod
     def load(cls, path: Path) -> LaunchSpec:
