@@ -86,7 +86,7 @@ class ReferenceProcess:
 
     def checkpoints_built(self, timeout_s: float) -> None:
         """Wait until every case's checkpoint is written, all a launch needs: the ranks start and run while the
-        process goes on to the plain loads (~0.3 s of one core per toy case, 45 s before the zoo could start).
+        process goes on to the plain loads (~0.3 s of one core per toy case: the zoo's launch waited 44 s for them).
         SetupError as `built`."""
         self._wait(REFERENCE_CHECKPOINTS, timeout_s)
 

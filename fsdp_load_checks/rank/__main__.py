@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     for index, task in enumerate(spec.tasks):
         task_spec = spec.for_task(task)  # a case under its own accelerate config (records.Case.under)
         if task_spec.accelerate_env != env:
-            accelerator = remake_accelerator(accelerator, device, env, task_spec.accelerate_env)
+            accelerator = remake_accelerator(device, env, task_spec.accelerate_env)
             env = task_spec.accelerate_env
         obs = run_case(task, task_spec, accelerator, device, progress)
         if index == 0:

@@ -61,7 +61,7 @@ def make_accelerator(device: torch.device, env: dict[str, str]):
     return accelerator
 
 
-def remake_accelerator(accelerator, device: torch.device, old_env: dict[str, str], env: dict[str, str]):
+def remake_accelerator(device: torch.device, old_env: dict[str, str], env: dict[str, str]):
     """A new Accelerator for a case under another accelerate config, built as a fresh process builds it.
 
     accelerate keeps one state per process (AcceleratorState, PartialState, GradientState: shared dicts);
@@ -72,7 +72,7 @@ def remake_accelerator(accelerator, device: torch.device, old_env: dict[str, str
     """
     from accelerate.state import AcceleratorState, GradientState
 
-    accelerator.free_memory()
+    # the old Accelerator holds nothing by now: run_case's cleanup freed what each case's prepare registered
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     for key in old_env.keys() - env.keys():
