@@ -34,9 +34,10 @@ def test_resolves_auto_classes_and_transformers_classes(name, want):
 
 
 def test_resolves_a_class_registered_by_an_imported_module():
-    import toy_models  # noqa: F401 - registers ToyForCausalLM with AutoModelForCausalLM
+    import toy_models.register  # noqa: F401 - registers ToyForCausalLM with AutoModelForCausalLM
+    from toy_models.decoder import ToyForCausalLM
 
-    assert model_class.resolve("ToyForCausalLM") is toy_models.ToyForCausalLM
+    assert model_class.resolve("ToyForCausalLM") is ToyForCausalLM
 
 
 @pytest.mark.parametrize("name", ["NoSuchModel", "LlamaConfig", "AutoConfig", "os", "", "Llama Model"])

@@ -1,14 +1,7 @@
-"""Toy `PreTrainedModel`s built only for this suite, registered with the Auto classes on import.
+"""Toy `PreTrainedModel`s built only for this suite, and the cases built from them and from transformers' own
+architectures.
 
-Every process that loads a toy checkpoint (ranks, the reference) imports
-this package first; the checkpoint's config names the model type.
+Importing the package imports nothing: the catalogue (zoo.py, architectures.py) is read in the parent, which
+needs no modeling code. `toy_models.register` registers the toy decoder with the Auto classes; every toy
+case imports it (`Case.imports`) in the processes that load one.
 """
-
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from toy_models.decoder import ToyDecoderConfig, ToyForCausalLM
-
-AutoConfig.register(ToyDecoderConfig.model_type, ToyDecoderConfig, exist_ok=True)
-AutoModelForCausalLM.register(ToyDecoderConfig, ToyForCausalLM, exist_ok=True)
-
-__all__ = ["ToyDecoderConfig", "ToyForCausalLM"]

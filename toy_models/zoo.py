@@ -12,9 +12,9 @@ from fsdp_load_checks.records.case import (
     FORGOTTEN_FLOAT_BUFFER,
     SHARED_NON_PERSISTENT,
 )
-from toy_models.decoder import ToyDecoderConfig
+from toy_models.config import ToyDecoderConfig
 
-TOY = ("toy_models",)
+TOY = ("toy_models.register",)
 # ToyAttention.alibi_slopes in every layer of the default config: the buffer ToyPreTrainedModel._init_weights forgets
 ALIBI = tuple(f"model.layers.{i}.attn.alibi_slopes" for i in range(ToyDecoderConfig().num_hidden_layers))
 
