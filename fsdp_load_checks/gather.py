@@ -29,12 +29,18 @@ K = TypeVar("K")
 GROUP_BYTES = 1 << 20  # a group's full bytes at most: inside the 16 MiB the observe bound allows beyond 2 tensors
 
 
+def _gatherable(t: torch.Tensor) -> bool:
+    """A DTensor with storage (a meta one has nothing to gather)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor) and t.device.type != "meta"
+
+
 def _groupable(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 
     return (
-        isinstance(t, DTensor)
-        and t.device.type != "meta"
+        _gatherable(t)
         and t.device_mesh.ndim == 1
         and tuple(t.placements) == (Shard(0),)
         and t.dim() > 0
@@ -91,8 +97,6 @@ def full_tensors(items: Iterable[tuple[K, torch.Tensor]],
     plain tensor is passed through as it is. `before_gather` is called before each collective (the rank's
     progress tick, for the watchdog). RuntimeError if a Shard(0) DTensor's local shard is not its chunk.
     """
-    from torch.distributed.tensor import DTensor
-
     pending: list[tuple[K, torch.Tensor]] = []
     pending_bytes = 0
 
@@ -116,7 +120,7 @@ def full_tensors(items: Iterable[tuple[K, torch.Tensor]],
             continue
         if pending:
             yield from flush()
-        if isinstance(t, DTensor) and t.device.type != "meta":
+        if _gatherable(t):
             if before_gather:
                 before_gather()
             yield key, t.full_tensor()

@@ -56,15 +56,20 @@ def strided_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def record(name: str, kind: TensorKind, tensor: torch.Tensor) -> TensorRecord:
-    """A record of one tensor; a DTensor is gathered first (a collective: every rank must call it)."""
+    """A record of one full tensor (a plain tensor, or a meta tensor of any kind); local, no collective.
+
+    A rank's DTensors are gathered before (gather.full_tensors: the
+    collective every rank makes alike). TypeError for a materialised DTensor.
+    """
     from torch.distributed.tensor import DTensor
 
     device = str(tensor.device)
     if tensor.device.type == "meta":  # never materialised: nothing to compare, and that is the finding
         dtype = str(tensor.dtype).removeprefix("torch.")
         return TensorRecord(name, kind, dtype, tuple(tensor.shape), device, 0, 0, "meta", None)
-    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-    full = full.detach().cpu()
+    if isinstance(tensor, DTensor):
+        raise TypeError(f"{name} is a DTensor: gather it first (gather.full_tensors), record takes full tensors")
+    full = tensor.detach().cpu()
     floating = full.is_floating_point() or full.is_complex()
     # a NaN or Inf anywhere makes the sum non-finite, and a sum is ~30x cheaper than counting; only a non-finite
     # sum (or one that overflowed) pays for the exact counts

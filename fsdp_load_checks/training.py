@@ -29,18 +29,17 @@ import torch
 
 from fsdp_load_checks.gather import full_tensors
 from fsdp_load_checks.inputs import model_inputs
-from fsdp_load_checks.observe import primary_output, record
+from fsdp_load_checks.observe import forward_input, primary_output, record
 from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
 
 LEARNING_RATE = 1e-3
 STEP_SEED = 1234
-BATCH, SEQ = 2, 8
 
 
 def batch(model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-    """(BATCH, SEQ) int64 token ids 0, 1, 2, ... modulo the text vocabulary: the input and the labels."""
-    vocab = model.config.get_text_config().vocab_size
-    return (torch.arange(BATCH * SEQ) % vocab).view(BATCH, SEQ).to(device)
+    """The forward check's (BATCH, SEQ) int64 ids (observe.forward_input) over the text vocabulary: the input and
+    the labels."""
+    return forward_input(model.config.get_text_config().vocab_size, device)
 
 
 def make_optimizer(params) -> torch.optim.Optimizer:

@@ -6,12 +6,14 @@ the plain load, `uneven-shards` included); here, the split it assumes and the by
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fsdp_load_checks import gather
+from fsdp_load_checks import gather, observe
+from fsdp_load_checks.records import TensorKind
 
 
 @given(n=st.integers(1, 300), world=st.integers(1, 16))
@@ -45,5 +47,7 @@ def test_grouped_gather_gives_full_tensor_bytes_for_every_dtype(tmp_path):
         for k, v in plain.items():
             assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
         assert len(ticks) == 2  # one collective for the four small tensors, one for the big one
+        with pytest.raises(TypeError, match="gather it first"):  # a record is of full tensors only
+            observe.record("f32", TensorKind.PARAMETER, items[0][1])
     finally:
         dist.destroy_process_group()

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-LEARNING_RATE = 1e-3
+from fsdp_load_checks.training import make_optimizer
 
 
 def export_env(env: dict[str, str]) -> None:
@@ -110,7 +110,7 @@ def prepare(accelerator, model: torch.nn.Module, env: dict[str, str]):
 
     fresh_plugin(accelerator, env)
     upcast = upcast_bytes(model) if accelerator.mixed_precision != "no" else 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = make_optimizer(model.parameters())  # the reference's train step steps the same optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
     how = {
         "call": "Accelerator.prepare",
