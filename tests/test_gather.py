@@ -39,14 +39,16 @@ def test_grouped_gather_gives_full_tensor_bytes_for_every_dtype(tmp_path):
             "bool": torch.rand(4, 2, generator=g) > 0.5,
             "big": torch.randn(gather.GROUP_BYTES // 4 + 1, generator=g),  # over a group: gathered alone
         }
-        items = [(k, distribute_tensor(v, mesh, [Shard(0)])) for k, v in plain.items()]
+        other = init_device_mesh("cpu", (1,))  # what fully_shard builds per module: equal, not the same object
+        assert other is not mesh and other == mesh
+        items = [(k, distribute_tensor(v, mesh if i % 2 else other, [Shard(0)])) for i, (k, v) in enumerate(plain.items())]
         items.append(("plain", torch.ones(2)))  # passed through
         ticks = []
         out = dict(gather.full_tensors(items, before_gather=lambda: ticks.append(1)))
         assert list(out) == [*plain, "plain"]
         for k, v in plain.items():
             assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
-        assert len(ticks) == 2  # one collective for the four small tensors, one for the big one
+        assert len(ticks) == 2  # one collective for the four small tensors (two meshes, equal), one for the big one
         with pytest.raises(TypeError, match="gather it first"):  # a record is of full tensors only
             observe.record("f32", TensorKind.PARAMETER, items[0][1])
     finally:

@@ -20,7 +20,8 @@ the same order on every rank, and the only rank-0-only work comes last:
                       and accelerate's docs do; the parent has it loaded back plain (parent/reload.py).
 
 Work on big tensors stays bounded: records above observe.VALUE_LIMIT_BYTES
-keep a digest, gradients and parameters are gathered one at a time, and the
+keep a digest, gradients and parameters are gathered one big tensor (or one
+1 MiB group of small ones: gather.py) at a time, and the
 checkpoints written here are deleted once read.
 """
 
