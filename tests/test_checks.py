@@ -6,6 +6,8 @@ known issue matches on and the sentence `render.py` makes of them.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -375,6 +377,40 @@ def test_train_step_is_exact_on_cpu_with_two_ranks():
     # four ranks: FSDP2's sum of four equal gradients can round, so torch.testing's fp32 tolerance applies
     four = run_of(observation(0, train=step(grad=ulp)), observation(1), world_size=4)
     assert problems("train-step", four, REF) == []
+
+
+def test_train_step_under_mixed_precision_on_more_ranks_allows_the_reduce_dtypes_rounding():
+    # measured at 8 ranks on every @bf16 zoo case: the gradients, summed in bf16 before their cast to fp32, are one
+    # bf16 ulp off on a third to a half of the elements
+    want = torch.tensor([[0.25, -0.5, 1e-7], [0.0, 2.0, -1.0]]).bfloat16()
+    ulp = want.clone()
+    ulp[0, 0] = torch.nextafter(want[0, 0], torch.tensor(1.0, dtype=torch.bfloat16))
+    ref = observation(-1, train=step(grad=want.float()), logits_dtype="bfloat16")
+    eight = partial(run_of, world_size=8)
+    assert problems("train-step", eight(observation(0, train=step(grad=ulp.float())), observation(1)), ref) == []
+    (p,) = found("train-step", eight(observation(0, train=step(grad=want.float() * 1.05)), observation(1)), ref)
+    assert (p.quantity, p.rtol, p.atol) == (Quantity.GRADIENT, 1.6e-2, 1e-5)  # bf16's, not fp32's: still a bound
+    # two ranks stay exact under the policy too ((x + x) / 2 = x in bf16), and without one fp32's bound holds
+    assert len(problems("train-step", run_of(observation(0, train=step(grad=ulp.float())), observation(1)), ref)) == 1
+    plain = observation(-1, train=step(grad=want.float()))
+    assert len(problems("train-step", eight(observation(0, train=step(grad=ulp.float())), observation(1)), plain)) == 1
+
+
+def test_a_nan_both_sides_hold_at_one_element_agrees_under_a_tolerance():
+    # arch-gemma3n-text's own gradient has NaN (the plain step's too); at 8 ranks the rest is compared within a tolerance
+    want = torch.tensor([[float("nan"), -0.5, 1e-7], [0.0, 2.0, -1.0]])
+    ref = observation(-1, train=step(grad=want))
+    near = want.clone()
+    near[1, 1] = torch.nextafter(near[1, 1], torch.tensor(3.0))
+    assert problems("train-step", run_of(observation(0, train=step(grad=near)), observation(1), world_size=8), ref) == []
+    far = near.clone()
+    far[1, 2] = -2.0
+    (p,) = found("train-step", run_of(observation(0, train=step(grad=far)), observation(1), world_size=8), ref)
+    assert (p.difference.mismatched, p.difference.index, p.difference.got) == (2, 5, -2.0)  # not the NaN pair
+    lost = want.clone()
+    lost[0, 0] = 0.25  # a NaN on one side only still differs
+    (p,) = found("train-step", run_of(observation(0, train=step(grad=lost)), observation(1), world_size=8), ref)
+    assert p.difference.index == 0
 
 
 def test_train_step_allows_fp16_gradients_one_subnormal_step_from_fsdp2s_pre_division():

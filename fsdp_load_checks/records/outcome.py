@@ -70,7 +70,7 @@ class Difference:
 
     mismatched: int = 0  # elements that differ (NaN against NaN counts as equal)
     numel: int = 0
-    index: int = 0  # where |got - want| is largest (NaN counts as infinite)
+    index: int = 0  # where |got - want| is largest (NaN on one side counts as infinite, on both as equal)
     got: float = 0.0
     want: float = 0.0
     sampled: int = 0  # >0: computed on this many strided elements of a tensor too big to keep
