@@ -362,7 +362,7 @@ def train_step_tolerance(device: str, world_size: int, quantity: Quantity, dtype
     gradient's sign, so parameters after the step stay within it too. Under
     a mixed-precision policy that sum is made in the reduce dtype before the
     gradient is cast to its fp32 master's, so gradients get the reduce
-    dtype's default (measured at 8 ranks: one bf16 ulp on a third to a half
+    dtype's default (measured at 8 ranks: one bf16 ulp on up to half
     of the elements, every @bf16 zoo case); the fp32 parameters after the
     step keep fp32's (AdamW's first step is ~lr * sign(gradient)).
 
