@@ -14,10 +14,10 @@ knows alike (shape, dtype, placements, mesh, order), so every rank makes the
 same collectives. Meshes are compared by value: `fully_shard` without a mesh
 (accelerate's call) builds one per module it shards, equal meshes over the
 same ranks, and grouping by identity cut a model's gathers at every layer
-(4x the all-gathers on the toy cases). Anything else (a tensor over `GROUP_BYTES`, another placement, a
-meta tensor, a plain tensor) goes one at a time, as before; so at most one
-group or one big tensor is gathered at a time, and the observe phase's
-memory bound (README) holds.
+(4x the all-gathers on the toy cases). Anything else (a tensor over
+`GROUP_BYTES`, another placement, a meta tensor, a plain tensor) goes one at
+a time, as before; so at most one group or one big tensor is gathered at a
+time, and the observe phase's memory bound (README) holds.
 """
 
 from __future__ import annotations
