@@ -71,7 +71,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     selected = catalogue.select(pattern=args.cases) if args.cases else [
         c for c in catalogue.all_cases().values() if not c.name.startswith(("arch-", "big-")) and "@" not in c.name
-    ]  # the @bf16 twins run under another accelerate config: another launch, not the same batch
+    ]  # the same 17 toy cases as every earlier figure (the @bf16 twins would share the launch, but change the set)
     root = Path(tempfile.mkdtemp(prefix="fsdp-speed-"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"{len(selected)} cases; building checkpoints and references once ...", flush=True)

@@ -397,19 +397,21 @@ def test_train_step_under_mixed_precision_on_more_ranks_allows_the_reduce_dtypes
 
 
 def test_a_nan_both_sides_hold_at_one_element_agrees_under_a_tolerance():
-    # arch-gemma3n-text's own gradient has NaN (the plain step's too); at 8 ranks the rest is compared within a tolerance
+    # arch-gemma3n-text's own gradient has NaN (the plain step's too); at 8 ranks the rest is compared within a
+    # tolerance
     want = torch.tensor([[float("nan"), -0.5, 1e-7], [0.0, 2.0, -1.0]])
     ref = observation(-1, train=step(grad=want))
     near = want.clone()
     near[1, 1] = torch.nextafter(near[1, 1], torch.tensor(3.0))
-    assert problems("train-step", run_of(observation(0, train=step(grad=near)), observation(1), world_size=8), ref) == []
+    eight = partial(run_of, world_size=8)
+    assert problems("train-step", eight(observation(0, train=step(grad=near)), observation(1)), ref) == []
     far = near.clone()
     far[1, 2] = -2.0
-    (p,) = found("train-step", run_of(observation(0, train=step(grad=far)), observation(1), world_size=8), ref)
+    (p,) = found("train-step", eight(observation(0, train=step(grad=far)), observation(1)), ref)
     assert (p.difference.mismatched, p.difference.index, p.difference.got) == (2, 5, -2.0)  # not the NaN pair
     lost = want.clone()
     lost[0, 0] = 0.25  # a NaN on one side only still differs
-    (p,) = found("train-step", run_of(observation(0, train=step(grad=lost)), observation(1), world_size=8), ref)
+    (p,) = found("train-step", eight(observation(0, train=step(grad=lost)), observation(1)), ref)
     assert p.difference.index == 0
 
 

@@ -41,7 +41,8 @@ def test_grouped_gather_gives_full_tensor_bytes_for_every_dtype(tmp_path):
         }
         other = init_device_mesh("cpu", (1,))  # what fully_shard builds per module: equal, not the same object
         assert other is not mesh and other == mesh
-        items = [(k, distribute_tensor(v, mesh if i % 2 else other, [Shard(0)])) for i, (k, v) in enumerate(plain.items())]
+        meshes = [mesh, other] * len(plain)
+        items = [(k, distribute_tensor(v, m, [Shard(0)])) for (k, v), m in zip(plain.items(), meshes)]
         items.append(("plain", torch.ones(2)))  # passed through
         ticks = []
         out = dict(gather.full_tensors(items, before_gather=lambda: ticks.append(1)))
