@@ -67,9 +67,10 @@ def difference(got: torch.Tensor, want: torch.Tensor) -> Difference:
     if g.numel() == 0:
         return Difference()
     # NaN on both sides at one element agrees (as equal bytes do); NaN on one side only is the largest difference
-    diff = (g - w).abs().masked_fill(g.isnan() & w.isnan(), 0).nan_to_num(nan=float("inf"))
+    both_nan = g.isnan() & w.isnan()
+    diff = (g - w).abs().masked_fill(both_nan, 0).nan_to_num(nan=float("inf"))
     i = int(diff.argmax())
-    mismatched = int((g != w).sum() - (g.isnan() & w.isnan()).sum())
+    mismatched = int((g != w).sum() - both_nan.sum())
     return Difference(mismatched, g.numel(), i, g[i].item(), w[i].item())
 
 
