@@ -195,11 +195,18 @@ def preparation_bound(mem: MemoryProfile) -> tuple[tuple[str, int], ...]:
     - its shard: the 1/N of the prepared parameters (and the buffers) it keeps;
     - one full tensor in flight: the broadcast receive buffer of the largest parameter
       (accelerate's `fsdp2_load_full_state_dict` receives one tensor at a time, then keeps its shard);
+    - at an uneven split only, the larger of two upstream copies that come at different moments
+      (rank/prepare.prepared_sizes): the padded short chunk of the tensor in flight (torch's distribute_tensor,
+      on every rank), or, at the end, this rank's short shards re-padded by FSDP2 while accelerate's sharded
+      state dict still holds them (the last rank);
     - on the loading rank under mixed precision only: the fp32 copy of the state dict it broadcasts
       from (accelerate 1.14+ upcasts before `model.state_dict()`); a rank that only receives needs none;
     - a fixed slack for the allocator and the optimizer/accelerate bookkeeping.
     """
     terms = [("shard", mem.shard_bytes), ("largest tensor", mem.largest_tensor_bytes)]
+    if mem.repadded_bytes or mem.padded_chunk_bytes:
+        terms.append(("short shards re-padded", mem.repadded_bytes) if mem.repadded_bytes >= mem.padded_chunk_bytes
+                     else ("padded short chunk", mem.padded_chunk_bytes))
     if mem.local_rank == 0 and mem.upcast_bytes:
         terms.append(("fp32 state dict to broadcast", mem.upcast_bytes))
     terms.append(("slack", PREPARATION_SLACK_BYTES))

@@ -22,6 +22,7 @@ from fsdp_load_checks.records import (
     LostRank,
     Observation,
     Phase,
+    PhaseMemory,
     ProblemKind,
     Quantity,
     Reload,
@@ -263,6 +264,32 @@ def test_memory_judges_each_nodes_local_rank_0_as_a_loading_rank():
     # 2 nodes x 1 rank: global rank 1 is its node's LOCAL_RANK 0 and loads the checkpoint itself
     run = run_of(with_memory(0, MODEL), with_memory(1, MODEL, local_rank=0))
     assert problems("memory", run, REF) == []
+
+
+def prepared(rank: int, committed: int, **sizes) -> Observation:
+    """A receiving rank with big-llama's preparation terms at 3 ranks (MiB), committing `committed` MiB."""
+    obs = with_memory(rank, 0)
+    mib = {"shard_bytes": 93, "largest_tensor_bytes": 64, **sizes}
+    for name, value in mib.items():
+        setattr(obs.memory, name, value << 20)
+    obs.memory.phases["fsdp2_prepare"] = PhaseMemory(0, 0, committed << 20)
+    return obs
+
+
+def test_memory_at_an_uneven_split_allows_the_larger_upstream_copy_and_nothing_more():
+    # 93 + 64 + 16 slack = 173 MiB at an even split; the last rank re-pads 77 MiB of short shards at the end
+    even = run_of(with_memory(0, 0), prepared(1, 174))
+    (p,) = found("memory", even, REF)
+    assert [t for t, _ in p.memory.terms] == ["shard", "largest tensor", "slack"]
+    assert found("memory", run_of(with_memory(0, 0), prepared(2, 250, repadded_bytes=77, padded_chunk_bytes=21)),
+                 REF) == []
+    (p,) = found("memory", run_of(with_memory(0, 0), prepared(2, 251, repadded_bytes=77, padded_chunk_bytes=21)),
+                 REF)
+    assert p.memory.terms[2] == ("short shards re-padded", 77 << 20)  # the larger of the two, not their sum
+    assert "may commit at most 250.0 MiB = shard 93.0 + largest tensor 64.0 + short shards re-padded 77.0 + slack " \
+           "16.0" in render.problem_line(p)
+    (p,) = found("memory", run_of(with_memory(0, 0), prepared(1, 195, padded_chunk_bytes=21)), REF)
+    assert p.memory.terms[2] == ("padded short chunk", 21 << 20)
 
 
 @pytest.mark.parametrize(

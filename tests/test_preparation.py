@@ -234,3 +234,28 @@ def test_the_fixed_loader_saves_one_tensor_per_parameter_in_its_loaded_dtype():
     gathered = {"embed.weight": model.embed.weight.detach().clone(), "head.weight": model.embed.weight.detach().clone()}
     saved = as_loaded(model, gathered, {"embed.weight": torch.bfloat16, "head.weight": torch.bfloat16})
     assert saved["embed.weight"] is saved["head.weight"] and saved["head.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rank, repadded", [(0, 0), (2, 72)])
+def test_the_preparation_bound_measures_an_uneven_splits_padding_from_fsdp2s_own_layout(rank, repadded):
+    """prepared_sizes on a real fully_shard over 3 ranks (torch's fake process group: one process plays `rank`).
+
+    (7, 5) and (7,) split 3/3/1 rows: padded chunks of 60 and 12 bytes, short on rank 2 only; (6, 7) splits
+    evenly (56-byte chunks). The largest tensor (168 bytes) is even, so the most a tensor in flight adds is the
+    (7, 5) weight's padded chunk beyond it: 140 + 60 - 168 = 32 bytes.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fsdp_load_checks.rank.prepare import prepared_sizes
+
+    dist.init_process_group("fake", rank=rank, world_size=3, store=FakeStore())
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 6, bias=False))
+        fully_shard(model, mesh=init_device_mesh("cpu", (3,)))
+        assert prepared_sizes(model) == {"shard_bytes": 60 + 12 + 56, "largest_tensor_bytes": 168,
+                                         "padded_chunk_bytes": 32, "repadded_bytes": repadded}
+    finally:
+        dist.destroy_process_group()

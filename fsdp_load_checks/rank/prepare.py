@@ -102,8 +102,8 @@ def prepare(accelerator, model: torch.nn.Module, env: dict[str, str]):
     test can tell that the real `Accelerator.prepare` ran (not a shortcut):
     the model is the one accelerate registered, the optimizer is accelerate's
     `AcceleratedOptimizer`, and `is_fsdp2` held. `sizes` are the terms of the
-    preparation memory bound (records.MemoryProfile: shard_bytes,
-    largest_tensor_bytes, upcast_bytes).
+    preparation memory bound (records.MemoryProfile: prepared_sizes' and
+    upcast_bytes).
     """
     from accelerate.optimizer import AcceleratedOptimizer
     from torch.distributed.fsdp import FSDPModule
@@ -121,9 +121,7 @@ def prepare(accelerator, model: torch.nn.Module, env: dict[str, str]):
         "mixed_precision": str(accelerator.mixed_precision),
         "device": accelerator.device.type,
     }
-    shard, largest = prepared_sizes(model)
-    sizes = {"shard_bytes": shard, "largest_tensor_bytes": largest, "upcast_bytes": upcast}
-    return model, optimizer, how, sizes
+    return model, optimizer, how, {**prepared_sizes(model), "upcast_bytes": upcast}
 
 
 def upcast_bytes(model: torch.nn.Module) -> int:
@@ -131,14 +129,44 @@ def upcast_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad and p.dtype != torch.float32)
 
 
-def prepared_sizes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes this rank holds: parameter shards + buffers, bytes of the largest full parameter), as prepared."""
-    from torch.distributed.tensor import DTensor
+def prepared_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """The measured terms of the preparation memory bound (records.MemoryProfile fields), in bytes.
 
-    shard = largest = 0
+    - `shard_bytes`: the rank's parameter shards as FSDP2 stores them, each padded to the first chunk's rows
+      (torch.chunk's split of dim 0: torch 2.13 FSDPParam._init_sharded_param), plus its buffers, whole;
+    - `largest_tensor_bytes`: the largest full parameter, one broadcast receive buffer
+      (accelerate's `fsdp2_load_full_state_dict` receives one tensor at a time);
+    - `padded_chunk_bytes`: at an uneven split, torch's `Shard._shard_tensor` (distribute_tensor) pads the short
+      last chunk on every rank (`_split_tensor(with_padding=True)`, torch 2.13
+      distributed/tensor/placement_types.py) while the full tensor is alive: the most a tensor in flight
+      then adds beyond `largest_tensor_bytes`;
+    - `repadded_bytes`: the shards this rank holds short of the padded size (the last rank's at an uneven split).
+      accelerate's `fsdp2_load_full_state_dict` ends with `model.load_state_dict(sharded_sd, assign=True)`
+      while `sharded_sd` (and the last full tensor) still live, and FSDP2's `reset_sharded_param` (torch 2.13
+      _fsdp_param.py) copies each short shard into new padded storage: the rank holds them twice.
+
+    The last two are 0 when every sharded dim divides by the world size.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    sizes = dict.fromkeys(("shard_bytes", "largest_tensor_bytes", "padded_chunk_bytes", "repadded_bytes"), 0)
+    in_flight = 0  # the most one tensor costs while it is distributed: its full bytes (+ a padded chunk)
     for param in model.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        shard += local.numel() * local.element_size()
-        largest = max(largest, param.numel() * param.element_size())
-    shard += sum(b.numel() * b.element_size() for b in model.buffers())
-    return shard, largest
+        full = param.numel() * param.element_size()
+        sizes["largest_tensor_bytes"] = max(sizes["largest_tensor_bytes"], full)
+        dims = [i for i, p in enumerate(getattr(param, "placements", ())) if isinstance(p, Shard) and p.dim == 0]
+        if not isinstance(param, DTensor) or not dims or param.shape[0] == 0:
+            local = param.to_local() if isinstance(param, DTensor) else param
+            sizes["shard_bytes"] += local.numel() * local.element_size()
+            in_flight = max(in_flight, full)
+            continue
+        rows, world = param.shape[0], param.device_mesh.size(dims[0])
+        chunk_rows = -(-rows // world)  # torch.chunk: every chunk but the last ones has this many
+        chunk = chunk_rows * (full // rows)  # bytes of a padded chunk
+        sizes["shard_bytes"] += chunk
+        in_flight = max(in_flight, full + (chunk if rows % world else 0))
+        if param.to_local().shape[0] < chunk_rows:  # this rank's chunk is short
+            sizes["repadded_bytes"] += chunk
+    sizes["padded_chunk_bytes"] = in_flight - sizes["largest_tensor_bytes"]
+    sizes["shard_bytes"] += sum(b.numel() * b.element_size() for b in model.buffers())
+    return sizes

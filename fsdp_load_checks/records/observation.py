@@ -73,8 +73,11 @@ class MemoryProfile:
     poisoned: bool = False  # uninitialised memory was NaN-filled: figures are inflated, the check is skipped
     phases: dict[str, PhaseMemory] = field(default_factory=dict)  # Phase value -> figures
     # after preparation, the terms of the fsdp2_prepare bound (bytes; checks.preparation_bound)
-    shard_bytes: int = 0  # this rank's local shards of the prepared parameters and its buffers
+    shard_bytes: int = 0  # this rank's local shards of the prepared parameters, as FSDP2 stores them, and its buffers
     largest_tensor_bytes: int = 0  # the largest full prepared parameter: one broadcast receive buffer
+    # an uneven split only (0 when every sharded dim divides by the world size); rank/prepare.prepared_sizes
+    padded_chunk_bytes: int = 0  # the most a tensor's padded short chunk adds to the one in flight
+    repadded_bytes: int = 0  # this rank's short shards, copied into padded storage at the end of loading
     upcast_bytes: int = 0  # under mixed precision, fp32 master copies of 16-bit parameters (the whole model)
     # the loader shards while loading (each rank reads its slice: loaders/native.py), so from_pretrained is
     # bounded by the shard terms on every rank, and there is no preparation (checks.check_memory)
