@@ -89,7 +89,8 @@ def run_case(task: RankTask, spec: LaunchSpec, accelerator, device, progress) ->
                     obs.preparation.update({"call": "from_pretrained(distributed_config)", "loader": loader_name})
                     obs.memory.shards_while_loading = True
                     sizes = prepared_sizes(model)  # the sharded-load bound: shard and largest only
-                    obs.memory.shard_bytes, obs.memory.largest_tensor_bytes = sizes["shard_bytes"], sizes["largest_tensor_bytes"]
+                    obs.memory.shard_bytes = sizes["shard_bytes"]
+                    obs.memory.largest_tensor_bytes = sizes["largest_tensor_bytes"]
                 else:
                     assert_path_under_test()
                     torch.manual_seed(task.seed)  # keys missing from the checkpoint: rank 0 draws what the reference draws
