@@ -226,7 +226,7 @@ def check_memory(run: CaseRun, ref: Observation) -> list[Problem]:
         if mem.shards_while_loading:
             problems.extend(_sharded_load_excess(run.case, rank, mem, phase.committed, loading))
             continue
-        bound = LOADING_RANK_MULTIPLE if loading else NON_LOADING_RANK_FRACTION
+        bound = _from_pretrained_multiple(mem)
         if phase.committed > bound * mem.model_bytes:
             excess = MemoryExcess(Phase.FROM_PRETRAINED, phase.committed, mem.model_bytes, bound, loading, mem.source)
             problems.append(Problem("memory", run.case, ProblemKind.MEMORY, rank=rank, memory=excess))
@@ -236,6 +236,23 @@ def check_memory(run: CaseRun, ref: Observation) -> list[Problem]:
         problems += _beyond_terms(run.case, rank, Phase.FSDP2_PREPARE, prepare.committed, mem, loading,
                                   preparation_bound(mem))
     return problems
+
+
+def _from_pretrained_multiple(mem: MemoryProfile) -> float:
+    """The multiple of the model a rank may commit during from_pretrained: it loads (its node's LOCAL_RANK 0) or
+    only receives."""
+    return LOADING_RANK_MULTIPLE if mem.local_rank == 0 else NON_LOADING_RANK_FRACTION
+
+
+def memory_bounds(mem: MemoryProfile) -> dict[str, int]:
+    """Phase -> the bytes `check_memory` lets this rank commit in it: what a report shows next to the figure, so
+    a pass says how much room it left (a failure names the terms)."""
+    if mem.shards_while_loading:
+        return {Phase.FROM_PRETRAINED: sum(size for _, size in sharded_load_bound(mem))} if mem.shard_bytes else {}
+    bounds = {Phase.FROM_PRETRAINED: int(_from_pretrained_multiple(mem) * mem.model_bytes)}
+    if mem.shard_bytes:
+        bounds[Phase.FSDP2_PREPARE] = sum(size for _, size in preparation_bound(mem))
+    return bounds
 
 
 def sharded_load_bound(mem: MemoryProfile) -> tuple[tuple[str, int], ...]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fsdp_load_checks import render
-from fsdp_load_checks.checks import CHECKS, verdicts
+from fsdp_load_checks.checks import CHECKS, memory_bounds, verdicts
 from fsdp_load_checks.observe import record
 from fsdp_load_checks.records import (
     Against,
@@ -290,6 +290,9 @@ def test_memory_at_an_uneven_split_allows_the_larger_upstream_copy_and_nothing_m
            "16.0" in render.problem_line(p)
     (p,) = found("memory", run_of(with_memory(0, 0), prepared(1, 195, padded_chunk_bytes=21)), REF)
     assert p.memory.terms[2] == ("padded short chunk", 21 << 20)
+    # what a report shows next to the figures: the same bounds, for a pass too
+    assert memory_bounds(prepared(2, 0, repadded_bytes=77, padded_chunk_bytes=21).memory) == {
+        "from_pretrained": int(0.1 * MODEL), "fsdp2_prepare": 250 << 20}
 
 
 @pytest.mark.parametrize(

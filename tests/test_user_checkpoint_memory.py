@@ -51,3 +51,6 @@ def test_a_correct_dense_checkpoint_passes_memory_as_the_only_case(dense_llama, 
     assert case["model_class"] == "LlamaForCausalLM"
     for rank, figures in case["memory"].items():
         assert figures["from_pretrained"] < NON_LOADING_RANK_FRACTION * figures["model"], (rank, figures)
+        # the report gives each bounded phase's allowance next to its figure: the room a pass left
+        assert figures["fsdp2_prepare"] <= figures["fsdp2_prepare bound"], (rank, figures)
+        assert figures["from_pretrained bound"] == int((1.5 if rank == "0" else 0.1) * figures["model"]), (rank, figures)
