@@ -236,7 +236,7 @@ def report_rows(cases, results: dict, loader: str) -> list:
             guards=case.guards,
             status={c: str(o.status) for c, o in outcomes.items()},
             messages={c: m for c, m in messages.items() if m},
-            memory=report.memory_figures(result.run.observations),
+            memory=report.memory_figures(result.run.observations, report.judged(result.verdicts["memory"])),
             memory_judged=report.judged(result.verdicts["memory"]),
             preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
             model_class=result.reference.model_class if result.reference else "",

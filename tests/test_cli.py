@@ -120,6 +120,8 @@ def test_check_a_stock_architecture_checkpoint_writes_every_report(tiny_gpt2, tm
     assert (data["cases"][0]["model_class"], data["cases"][0]["output"]) == ("GPT2LMHeadModel", "logits")
     assert data["cases"][0]["inputs"] == ["input_ids"]  # what the forward and the train step were fed
     assert set(data["cases"][0]["memory"]) == {"0", "1"}  # per-rank memory figures reach the report
+    # a tiny model's memory is not judged (skip): its figures come without a bound that would read as a violation
+    assert not [k for figures in data["cases"][0]["memory"].values() for k in figures if k.endswith(" bound")]
     assert data["accelerate_config"] == "fsdp2"  # the report names the config and how each rank was prepared
     assert data["cases"][0]["preparation"]["1"]["call"] == "Accelerator.prepare"
     # per-phase wall time of every process: the launch's start-up on its first case, each phase a rank went

@@ -236,13 +236,26 @@ def test_the_fixed_loader_saves_one_tensor_per_parameter_in_its_loaded_dtype():
     assert saved["embed.weight"] is saved["head.weight"] and saved["head.weight"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("rank, repadded", [(0, 0), (2, 72)])
-def test_the_preparation_bound_measures_an_uneven_splits_padding_from_fsdp2s_own_layout(rank, repadded):
-    """prepared_sizes on a real fully_shard over 3 ranks (torch's fake process group: one process plays `rank`).
+# (world, rank, layers (in, out, bias), prepared_sizes); byte figures worked out in the test's docstring
+UNEVEN = [
+    (3, 0, [(5, 7, True), (7, 6, False)], {"shard_bytes": 128, "largest_tensor_bytes": 168, "padded_chunk_bytes": 32,
+                                           "repadded_bytes": 0}),
+    (3, 2, [(5, 7, True), (7, 6, False)], {"shard_bytes": 128, "largest_tensor_bytes": 168, "padded_chunk_bytes": 32,
+                                           "repadded_bytes": 72}),
+    (4, 3, [(3, 5, True), (5, 4, False)], {"shard_bytes": 52, "largest_tensor_bytes": 80, "padded_chunk_bytes": 28,
+                                           "repadded_bytes": 32}),
+]
 
-    (7, 5) and (7,) split 3/3/1 rows: padded chunks of 60 and 12 bytes, short on rank 2 only; (6, 7) splits
-    evenly (56-byte chunks). The largest tensor (168 bytes) is even, so the most a tensor in flight adds is the
-    (7, 5) weight's padded chunk beyond it: 140 + 60 - 168 = 32 bytes.
+
+@pytest.mark.parametrize("world, rank, layers, sizes", UNEVEN)
+def test_the_preparation_bound_measures_an_uneven_splits_padding_from_fsdp2s_own_layout(world, rank, layers, sizes):
+    """prepared_sizes on a real fully_shard (torch's fake process group: one process plays `rank` of `world`).
+
+    Over 3 ranks, weight (7, 5) and bias (7,) split 3/3/1 rows: padded chunks of 60 and 12 bytes, short on rank 2
+    only; (6, 7) splits evenly (56-byte chunks): shard 128. The largest tensor, (6, 7) at 168 bytes, is even, so
+    the most a tensor in flight adds is the (7, 5) weight's one padded short chunk beyond it: 140 + 60 - 168 = 32.
+    Over 4 ranks, (5, 3) and (5,) split 2/2/1/0: two short chunks each, both padded in flight (torch pads empty
+    chunks too): 60 + 2 * 24 - 80 = 28 beyond the even (4, 5) weight (80 bytes); rank 3, empty, re-pads 24 + 8.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -251,11 +264,10 @@ def test_the_preparation_bound_measures_an_uneven_splits_padding_from_fsdp2s_own
 
     from fsdp_load_checks.rank.prepare import prepared_sizes
 
-    dist.init_process_group("fake", rank=rank, world_size=3, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     try:
-        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 6, bias=False))
-        fully_shard(model, mesh=init_device_mesh("cpu", (3,)))
-        assert prepared_sizes(model) == {"shard_bytes": 60 + 12 + 56, "largest_tensor_bytes": 168,
-                                         "padded_chunk_bytes": 32, "repadded_bytes": repadded}
+        model = torch.nn.Sequential(*(torch.nn.Linear(i, o, bias=b) for i, o, b in layers))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        assert prepared_sizes(model) == sizes
     finally:
         dist.destroy_process_group()

@@ -136,11 +136,12 @@ def prepared_sizes(model: torch.nn.Module) -> dict[str, int]:
       (torch.chunk's split of dim 0: torch 2.13 FSDPParam._init_sharded_param), plus its buffers, whole;
     - `largest_tensor_bytes`: the largest full parameter, one broadcast receive buffer
       (accelerate's `fsdp2_load_full_state_dict` receives one tensor at a time);
-    - `padded_chunk_bytes`: at an uneven split, torch's `Shard._shard_tensor` (distribute_tensor) pads the short
-      last chunk on every rank (`_split_tensor(with_padding=True)`, torch 2.13
+    - `padded_chunk_bytes`: at an uneven split, torch's `Shard._shard_tensor` (distribute_tensor) pads a copy of
+      every short chunk on every rank (`_split_tensor(with_padding=True)`, torch 2.13
       distributed/tensor/placement_types.py) while the full tensor is alive: the most a tensor in flight
       then adds beyond `largest_tensor_bytes`;
-    - `repadded_bytes`: the shards this rank holds short of the padded size (the last rank's at an uneven split).
+    - `repadded_bytes`: the shards this rank holds short of the padded size (at an uneven split the last rank's,
+      or the last few ranks' when torch.chunk leaves some empty).
       accelerate's `fsdp2_load_full_state_dict` ends with `model.load_state_dict(sharded_sd, assign=True)`
       while `sharded_sd` (and the last full tensor) still live, and FSDP2's `reset_sharded_param` (torch 2.13
       _fsdp_param.py) copies each short shard into new padded storage: the rank holds them twice.
@@ -164,7 +165,8 @@ def prepared_sizes(model: torch.nn.Module) -> dict[str, int]:
         chunk_rows = -(-rows // world)  # torch.chunk: every chunk but the last ones has this many
         chunk = chunk_rows * (full // rows)  # bytes of a padded chunk
         sizes["shard_bytes"] += chunk
-        in_flight = max(in_flight, full + (chunk if rows % world else 0))
+        # every chunk short of chunk_rows is padded, empty ones too (5 rows over 4 ranks: 2, 2, 1, 0: two copies)
+        in_flight = max(in_flight, full + (world - rows // chunk_rows) * chunk)
         if param.to_local().shape[0] < chunk_rows:  # this rank's chunk is short
             sizes["repadded_bytes"] += chunk
     sizes["padded_chunk_bytes"] = in_flight - sizes["largest_tensor_bytes"]
