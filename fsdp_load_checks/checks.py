@@ -196,9 +196,9 @@ def preparation_bound(mem: MemoryProfile) -> tuple[tuple[str, int], ...]:
     - one full tensor in flight: the broadcast receive buffer of the largest parameter
       (accelerate's `fsdp2_load_full_state_dict` receives one tensor at a time, then keeps its shard);
     - at an uneven split only, the larger of two upstream copies that come at different moments
-      (rank/prepare.prepared_sizes): the padded short chunk of the tensor in flight (torch's distribute_tensor,
-      on every rank), or, at the end, this rank's short shards re-padded by FSDP2 while accelerate's sharded
-      state dict still holds them (the last rank);
+      (rank/prepare.prepared_sizes): padded copies of the short chunks of the tensor in flight (torch's
+      distribute_tensor, on every rank), or, at the end, this rank's short shards re-padded by FSDP2 while
+      accelerate's sharded state dict still holds them (the last rank, or the last few);
     - on the loading rank under mixed precision only: the fp32 copy of the state dict it broadcasts
       from (accelerate 1.14+ upcasts before `model.state_dict()`); a rank that only receives needs none;
     - a fixed slack for the allocator and the optimizer/accelerate bookkeeping.

@@ -138,7 +138,8 @@ def pytest_runtest_makereport(item, call):
         result = suite.results.get(case) if suite is not None else None
         if call.when == "call" and check == "memory" and result is not None and judged(result.verdicts["memory"]):
             # plain data, so it reaches the xdist controller's terminal summary
-            report.user_properties.append(("fsdp-memory", (case, memory_figures(result.run.observations, judged=True))))
+            figures = memory_figures(result.run.observations, judged=True)
+            report.user_properties.append(("fsdp-memory", (case, figures)))
 
 
 def pytest_runtest_logreport(report):

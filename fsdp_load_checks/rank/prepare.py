@@ -151,7 +151,7 @@ def prepared_sizes(model: torch.nn.Module) -> dict[str, int]:
     from torch.distributed.tensor import DTensor, Shard
 
     sizes = dict.fromkeys(("shard_bytes", "largest_tensor_bytes", "padded_chunk_bytes", "repadded_bytes"), 0)
-    in_flight = 0  # the most one tensor costs while it is distributed: its full bytes (+ a padded chunk)
+    in_flight = 0  # the most one tensor costs while it is distributed: its full bytes (+ padded short chunks)
     for param in model.parameters():
         full = param.numel() * param.element_size()
         sizes["largest_tensor_bytes"] = max(sizes["largest_tensor_bytes"], full)

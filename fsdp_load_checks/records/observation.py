@@ -76,7 +76,7 @@ class MemoryProfile:
     shard_bytes: int = 0  # this rank's local shards of the prepared parameters, as FSDP2 stores them, and its buffers
     largest_tensor_bytes: int = 0  # the largest full prepared parameter: one broadcast receive buffer
     # an uneven split only (0 when every sharded dim divides by the world size); rank/prepare.prepared_sizes
-    padded_chunk_bytes: int = 0  # the most a tensor's padded short chunk adds to the one in flight
+    padded_chunk_bytes: int = 0  # the most a tensor's padded short chunks add to the one in flight
     repadded_bytes: int = 0  # this rank's short shards, copied into padded storage at the end of loading
     upcast_bytes: int = 0  # under mixed precision, fp32 master copies of 16-bit parameters (the whole model)
     # the loader shards while loading (each rank reads its slice: loaders/native.py), so from_pretrained is
