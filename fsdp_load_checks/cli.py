@@ -231,13 +231,14 @@ def report_rows(cases, results: dict, loader: str) -> list:
         result = results[case.name]
         outcomes = known_issues.outcomes(result, case, loader)
         messages = {c: render.outcome_message(o) for c, o in outcomes.items()}
+        judged = report.judged(result.verdicts["memory"])
         rows.append(report.Row(
             case=case.name,
             guards=case.guards,
             status={c: str(o.status) for c, o in outcomes.items()},
             messages={c: m for c, m in messages.items() if m},
-            memory=report.memory_figures(result.run.observations, report.judged(result.verdicts["memory"])),
-            memory_judged=report.judged(result.verdicts["memory"]),
+            memory=report.memory_figures(result.run.observations, judged),
+            memory_judged=judged,
             preparation={r: o.preparation for r, o in sorted(result.run.observations.items())},
             model_class=result.reference.model_class if result.reference else "",
             output=result.reference.output if result.reference else "",
