@@ -48,11 +48,22 @@ class Watch:
 
 
 def read_progress(out_dir: Path, rank: int) -> dict | None:
-    """The rank's last progress state ({pid, case, phase, step, since}), or None before it wrote one."""
-    try:
-        return json.loads(progress_path(out_dir, rank).read_text())
-    except (OSError, ValueError):
-        return None
+    """The rank's last progress state ({pid, case, phase, step, since}), or None before it wrote one.
+
+    The rank rewrites its record in place (rank/progress.py): a read that races the write can be torn, and
+    is read again; a rank that hangs writes nothing, so the state a hang is judged on is never torn.
+    """
+    for _ in range(3):
+        try:
+            text = progress_path(out_dir, rank).read_text()
+        except OSError:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            if not text.strip():  # created, not yet written
+                return None
+    return None
 
 
 def position(state: dict | None) -> tuple[int, int]:

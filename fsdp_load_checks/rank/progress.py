@@ -22,6 +22,8 @@ class Progress:
         self.phase = ""
         self.step = 0  # collectives announced in this phase: the rank furthest behind is the one that hangs
         self.fault: str | None = None
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # open for the rank's life
+        self.width = 256
 
     def __call__(self, phase: Phase, case: str | None = None, fault: str | None = None) -> None:
         if case is not None:
@@ -36,7 +38,10 @@ class Progress:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
         state = {"pid": os.getpid(), "case": self.case, "phase": self.phase, "step": self.step, "since": time.time()}
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)
+        record = json.dumps(state).encode()
+        # one pwrite over the last record, padded with spaces (JSON ignores them) to the longest written so far:
+        # a temp file and a rename cost ~250 us an announcement on this disk, ~5% of a case's CPU at 8 ranks.
+        # A reader racing the write may see a torn record; watchdog.read_progress reads again
+        self.width = max(self.width, len(record))
+        os.pwrite(self.fd, record.ljust(self.width), 0)
