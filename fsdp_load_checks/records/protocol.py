@@ -1,7 +1,8 @@
 """The parent/rank protocol: what the parent writes for a launch and where every file of it lives.
 
 The parent writes `spec.json`; each rank writes its progress file (where it
-is, for the watchdog), its log, and one result file per case, atomically.
+is, for the watchdog: rewritten in place, a torn read is read again), its
+log, and one result file per case, atomically.
 """
 
 from __future__ import annotations
