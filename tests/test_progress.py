@@ -7,6 +7,7 @@ leave the longer one's tail, and a read that races the write must not be taken f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fsdp_load_checks.parent import watchdog
@@ -28,13 +29,25 @@ def test_each_announcement_replaces_the_last_whatever_its_length(tmp_path):
     assert state["pid"] > 0
 
 
-def test_a_torn_read_is_read_again(tmp_path, monkeypatch):
+def test_a_torn_read_is_read_again_even_when_it_parses(tmp_path, monkeypatch):
     progress = Progress(tmp_path, 0)
-    progress(Phase.FORWARD, "case")
-    whole = Path(progress.path).read_text()
-    reads = iter([whole[:20] + " " * (len(whole) - 20), whole])  # the first read raced the write
-    monkeypatch.setattr(watchdog.Path, "read_text", lambda self: next(reads))
-    assert read_progress(tmp_path, 0)["phase"] == Phase.FORWARD
+    progress(Phase.DONE, "t5")
+    old = Path(progress.path).read_bytes()
+    progress(Phase.FROM_PRETRAINED, "t6")
+    new = Path(progress.path).read_bytes()
+    # old and new bytes mixed: valid JSON naming the new case in the old phase; only the CRC tells it is torn
+    torn = new[:25] + old[25:]
+    assert json.loads(torn.split(b"\n")[0])["phase"] == Phase.DONE
+    reads = iter([torn, torn, new])
+    monkeypatch.setattr(watchdog.Path, "read_bytes", lambda self: next(reads))
+    state = read_progress(tmp_path, 0)
+    assert (state["case"], state["phase"]) == ("t6", Phase.FROM_PRETRAINED)
+
+
+def test_a_record_that_never_reads_whole_is_none(tmp_path, monkeypatch):
+    Progress(tmp_path, 0)(Phase.OBSERVE, "case")
+    monkeypatch.setattr(watchdog.Path, "read_bytes", lambda self: b'{"pid": 1, "case": "c"}\n00000000')
+    assert read_progress(tmp_path, 0) is None
 
 
 def test_no_record_is_none(tmp_path):

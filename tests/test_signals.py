@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from fsdp_load_checks.parent.stop import alive, exit_code
+from fsdp_load_checks.parent.watchdog import read_progress
 
 REPO = Path(__file__).resolve().parent.parent
 GONE_WITHIN_S = 10.0  # the guarantee
@@ -63,10 +64,9 @@ class Run:
         out = []
         for d in self.launches(case):
             for f in d.glob("rank*.progress"):
-                try:
-                    out.append(json.loads(f.read_text()))
-                except (OSError, ValueError):
-                    pass
+                state = read_progress(d, int(f.name.removeprefix("rank").removesuffix(".progress")))
+                if state is not None:
+                    out.append(state)
         return out
 
     def reached(self, stage: str) -> bool:

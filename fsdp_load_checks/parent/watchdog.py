@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fsdp_load_checks.records import Phase
 from fsdp_load_checks.records.protocol import progress_path
 
 POLL_S = 0.2
+RETRIES = 20  # reads of a torn progress record before it counts as unreadable
 STACK_DUMP_WAIT_S = 1.0
 PEER_GRACE_S = 2.0
 
@@ -50,19 +52,23 @@ class Watch:
 def read_progress(out_dir: Path, rank: int) -> dict | None:
     """The rank's last progress state ({pid, case, phase, step, since}), or None before it wrote one.
 
-    The rank rewrites its record in place (rank/progress.py): a read that races the write can be torn, and
-    is read again; a rank that hangs writes nothing, so the state a hang is judged on is never torn.
+    The rank rewrites its record in place (rank/progress.py): a read that races the write can mix old and
+    new bytes, caught by the record's CRC32 and read again (1 ms apart: the writer may be descheduled).
     """
-    for _ in range(3):
+    for _ in range(RETRIES):
         try:
-            text = progress_path(out_dir, rank).read_text()
+            text = progress_path(out_dir, rank).read_bytes().rstrip()
         except OSError:
             return None
+        if not text:  # created, not yet written
+            return None
+        payload, _, crc = text.rpartition(b"\n")
         try:
-            return json.loads(text)
+            if int(crc, 16) == zlib.crc32(payload):
+                return json.loads(payload)
         except ValueError:
-            if not text.strip():  # created, not yet written
-                return None
+            pass
+        time.sleep(0.001)
     return None
 
 
