@@ -8,6 +8,7 @@ sees a peak that comes and goes inside one phase.
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 import time
 
@@ -29,11 +30,14 @@ def rss_anon_from_status() -> int:
 def same_moment_readings() -> tuple[int, int]:
     """(statm figure, status figure) read with nothing allocated between: two equal status reads around it."""
     fd = memory.open_statm()
-    for _ in range(20):
-        before = rss_anon_from_status()
-        figure = memory.anon_bytes(fd)
-        if rss_anon_from_status() == before:
-            return figure, before
+    try:
+        for _ in range(20):
+            before = rss_anon_from_status()
+            figure = memory.anon_bytes(fd)
+            if rss_anon_from_status() == before:
+                return figure, before
+    finally:
+        os.close(fd)
     raise AssertionError("the interpreter kept allocating between reads")
 
 

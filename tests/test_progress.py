@@ -36,7 +36,8 @@ def test_a_torn_read_is_read_again_even_when_it_parses(tmp_path, monkeypatch):
     progress(Phase.FROM_PRETRAINED, "t6")
     new = Path(progress.path).read_bytes()
     # old and new bytes mixed: valid JSON naming the new case in the old phase; only the CRC tells it is torn
-    torn = new[:25] + old[25:]
+    cut = new.index(b'"t6"') + 4  # after the new case name, before the new phase (whatever the pid's digits)
+    torn = new[:cut] + old[cut:]
     assert json.loads(torn.split(b"\n")[0])["phase"] == Phase.DONE
     reads = iter([torn, torn, new])
     monkeypatch.setattr(watchdog.Path, "read_bytes", lambda self: next(reads))
