@@ -10,10 +10,12 @@ in any result file.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from fsdp_load_checks.gather import full_tensors
 from fsdp_load_checks.observe import record
 from fsdp_load_checks.records import TensorKind, TensorRecord
 
@@ -26,6 +28,27 @@ def kinds_of(model: torch.nn.Module) -> dict[str, TensorKind]:
 def records(state_dict: dict[str, torch.Tensor], kinds: dict[str, TensorKind]) -> dict[str, TensorRecord]:
     """Every entry of a (full, CPU) state dict, in its order; a key `kinds` does not know is a buffer."""
     return {name: record(name, kinds.get(name, TensorKind.BUFFER), t) for name, t in state_dict.items()}
+
+
+def gathered_records(model: torch.nn.Module, before_gather: Callable[[], None] | None = None,
+                     keep: bool = True) -> dict[str, TensorRecord]:
+    """`records(accelerator.get_state_dict(model), kinds_of(model))` of an FSDP2 model, a tensor at a time.
+
+    accelerate 1.15's `get_state_dict` is torch's `get_model_state_dict(full_state_dict=True, cpu_offload=True)`:
+    the entries of `model.state_dict()`, each DTensor gathered whole with a collective of its own, the whole dict
+    then held by rank 0. Here the same entries, gathered by gather.full_tensors (small shards many per collective,
+    bit-equal to `full_tensor()`) and recorded one tensor (or one 1 MiB group) at a time. One difference: an
+    entry left on meta is recorded as such (observe.record), where torch 2.13 raises on rank 0
+    (NotImplementedError: Cannot copy out of meta tensor) and its peers go on. A collective: every rank calls
+    it; a rank with `keep=False` takes part and records nothing.
+    """
+    kinds = kinds_of(model)
+    entries = list(model.state_dict().items())
+    out = {}
+    for name, full in full_tensors(entries, before_gather):
+        if keep:
+            out[name] = record(name, kinds.get(name, TensorKind.BUFFER), full)
+    return {name: out[name] for name, _ in entries if name in out}  # model.state_dict()'s order: a group yields late
 
 
 def saved_records(directory: str | Path, kinds: dict[str, TensorKind]) -> dict[str, TensorRecord]:

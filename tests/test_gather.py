@@ -54,3 +54,45 @@ def test_grouped_gather_gives_full_tensor_bytes_for_every_dtype(tmp_path):
             observe.record("f32", TensorKind.PARAMETER, items[0][1])
     finally:
         dist.destroy_process_group()
+
+
+def test_state_dict_records_gathered_in_groups_are_get_state_dicts(tmp_path):
+    """state_dicts.gathered_records (the round trip's read-back) against torch's get_model_state_dict with
+    accelerate 1.15 get_state_dict's options: the same keys, dtypes and bytes, a tied parameter under
+    both names, the persistent buffer, no non-persistent one; a meta entry recorded, not a crash."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from fsdp_load_checks import state_dicts
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 4)
+            self.inner = torch.nn.Linear(4, 4).to(torch.bfloat16)
+            self.head = torch.nn.Linear(4, 7, bias=False)
+            self.head.weight = self.embed.weight  # tied
+            self.register_buffer("bias_correction", torch.arange(3.0))  # persistent
+            self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model.inner)
+        fully_shard(model)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+        want = state_dicts.records(get_model_state_dict(model, options=options), state_dicts.kinds_of(model))
+        got = state_dicts.gathered_records(model)
+        assert sorted(got) == sorted(want) == ["bias_correction", "embed.weight", "head.weight", "inner.bias",
+                                               "inner.weight"]
+        for name in want:
+            assert (got[name].kind, got[name].dtype, got[name].digest) == (want[name].kind, want[name].dtype,
+                                                                             want[name].digest), name
+        model.register_buffer("on_meta", torch.empty(2, device="meta"))  # a buffer a loader left unmaterialised
+        with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):  # rank 0's crash
+            get_model_state_dict(model, options=options)
+        assert state_dicts.gathered_records(model)["on_meta"].digest == "meta"  # the finding, named
+        assert state_dicts.gathered_records(model, keep=False) == {}  # takes part, records nothing
+    finally:
+        dist.destroy_process_group()

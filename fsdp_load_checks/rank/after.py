@@ -11,7 +11,9 @@ the same order on every rank, and the only rank-0-only work comes last:
   SHARDED_ROUND_TRIP  accelerate's `save_fsdp_model` / `load_fsdp_model` with SHARDED_STATE_DICT
                       (what `accelerator.save_state`/`load_state` call: torch.distributed.checkpoint),
                       into a model built from the config, filled with NaN (`poisoned_model`) and prepared
-                      afresh by the same `Accelerator.prepare`; rank 0 records its full state dict.
+                      afresh by the same `Accelerator.prepare`; rank 0 records its full state dict (the
+                      entries get_state_dict gives, gathered many small shards per collective:
+                      state_dicts.gathered_records).
   TRAIN_STEP          forward on the fixed batch, `accelerator.backward`, `optimizer.step()`
                       (training.py); every rank records its loss and the dtype of each tensor its
                       optimizer steps; every full gradient and every parameter after the step are
@@ -106,10 +108,11 @@ class After:
         fresh = poisoned_model(self.task.model_class, config, getattr(torch, self.task.dtype))
         fresh, fresh_optimizer, _, _ = prepare(self.accelerator, fresh, self.spec.accelerate_env)
         load_fsdp_model(sharded_plugin(self.accelerator), self.accelerator, fresh, str(checkpoint))  # ends in a barrier
-        self.tick()
-        loaded = self.accelerator.get_state_dict(fresh)
+        # what get_state_dict would give rank 0 (the STATE_DICT phase runs that very call), gathered many small
+        # shards per collective: one collective per tensor was a third of this phase at 8 ranks
+        loaded = state_dicts.gathered_records(fresh, self.tick, keep=self.main)
         if self.main:
-            self.obs.round_trip = state_dicts.records(loaded, state_dicts.kinds_of(fresh))
+            self.obs.round_trip = loaded
             shutil.rmtree(checkpoint, ignore_errors=True)  # every rank has read it: load_fsdp_model's last barrier
         # `prepare` registered the fresh model and optimizer with the accelerator: run_case's free_memory drops them
         del loaded, fresh, fresh_optimizer
