@@ -69,3 +69,17 @@ def test_sampler_records_a_peak_that_is_freed_within_the_phase():
     load = profile.phases["load"]
     assert load.peak - load.start >= 90 * MIB
     assert profile.phases["after"].peak - profile.phases["after"].start < 8 * MIB
+
+
+def test_a_sampler_that_stopped_fails_the_next_phase_not_its_peaks(monkeypatch):
+    profile = MemoryProfile(model_bytes=0)
+    with pytest.raises(RuntimeError, match="memory sampler stopped.*unreadable"):
+        with memory.Sampler(profile) as sampler:
+            sampler.phase("load")
+            def unreadable(fd=None):
+                raise OSError(5, "statm unreadable")
+            monkeypatch.setattr(memory, "anon_bytes", unreadable)
+            sampler.thread.join(timeout=50 * memory.SAMPLE_S)  # the thread ends on its first failed reading
+            assert not sampler.thread.is_alive()
+            sampler.phase("after")
+    assert sampler.statm_fd is None  # closed on the way out all the same

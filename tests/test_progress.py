@@ -53,3 +53,20 @@ def test_a_record_that_never_reads_whole_is_none(tmp_path, monkeypatch):
 
 def test_no_record_is_none(tmp_path):
     assert read_progress(tmp_path, 0) is None
+
+
+def test_the_record_framing_round_trips_padded_and_tells_a_torn_one():
+    from fsdp_load_checks.records.protocol import decode_progress, encode_progress
+
+    state = {"pid": 7, "case": "c", "phase": Phase.OBSERVE, "step": 3, "since": 1.5}
+    record = encode_progress(state)
+    assert decode_progress(record.ljust(len(record) + 40)) == state  # the in-place rewrite's padding
+    assert decode_progress(b"  ") is None  # created, not yet written
+    other = encode_progress({**state, "case": "d"})
+    cut = other.index(b'"d"') + 3  # the new case name, the old CRC; and a CRC line cut short
+    for torn in (other[:cut] + record[cut:], other[:-3]):
+        try:
+            decode_progress(torn)
+        except ValueError:
+            continue
+        raise AssertionError(f"a torn record decoded: {torn!r}")

@@ -106,8 +106,25 @@ class Run:
         self.stdout, self.stderr = self.proc.communicate(timeout=60)
 
     def kill(self) -> None:
-        """Test cleanup after a failure: the recorded processes and the front end's group, by pid."""
-        for p in self.tree:
+        """Test cleanup after a failure: the run's processes by pid, and the front end's group.
+
+        Those recorded at the signal, and those alive now (a test that failed before its signal recorded none):
+        the front end's descendants and every rank that wrote its pid. Ranks and torchrun agents live in
+        sessions of their own, out of the front end's group's reach."""
+        found = list(self.tree)
+        try:
+            top = psutil.Process(self.proc.pid)
+            found += [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        for pid in rank_pids(self):
+            try:
+                rank = psutil.Process(pid)
+                if "fsdp_load_checks.rank" in _argv(rank):  # this run's rank, not a process that reused its pid
+                    found.append(rank)
+            except psutil.NoSuchProcess:
+                pass
+        for p in found:
             try:
                 p.kill()
             except psutil.NoSuchProcess:

@@ -12,18 +12,16 @@ time, while both ranks kept moving).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsdp_load_checks.records import Phase
-from fsdp_load_checks.records.protocol import progress_path
+from fsdp_load_checks.records.protocol import decode_progress, progress_path
 
 POLL_S = 0.2
 RETRIES = 20  # reads of a torn progress record before it counts as unreadable
@@ -57,18 +55,11 @@ def read_progress(out_dir: Path, rank: int) -> dict | None:
     """
     for _ in range(RETRIES):
         try:
-            text = progress_path(out_dir, rank).read_bytes().rstrip()
+            return decode_progress(progress_path(out_dir, rank).read_bytes())
         except OSError:
             return None
-        if not text:  # created, not yet written
-            return None
-        payload, _, crc = text.rpartition(b"\n")
-        try:
-            if int(crc, 16) == zlib.crc32(payload):
-                return json.loads(payload)
-        except ValueError:
-            pass
-        time.sleep(0.001)
+        except ValueError:  # torn: read again
+            time.sleep(0.001)
     return None
 
 

@@ -38,7 +38,10 @@ def open_statm() -> int | None:
 
 
 def anon_bytes(statm_fd: int | None = None) -> int:
-    """This process's anonymous resident memory in bytes (RssAnon); `statm_fd` from open_statm() saves the open."""
+    """This process's anonymous resident memory in bytes (RssAnon); `statm_fd` from open_statm() saves the open.
+
+    Off Linux (no /proc/self/statm to open) psutil's RSS instead. OSError: statm opened but unreadable; not
+    swapped for RSS mid-run, which would mix two different figures in one profile."""
     fd = open_statm() if statm_fd is None else statm_fd
     if fd is not None:
         try:
@@ -69,6 +72,7 @@ class Sampler:
         self.start_bytes = 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        self.error: BaseException | None = None  # what stopped the sampler thread, raised by the next phase()
         self.statm_fd = open_statm()  # this process's: opened here, in the rank, not inherited
         self.thread = threading.Thread(target=self._run, name="fsdp-load-checks-memory", daemon=True)
 
@@ -77,24 +81,35 @@ class Sampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.phase(None)
-        self.stop_event.set()
-        self.thread.join(timeout=1)
-        if self.statm_fd is not None and not self.thread.is_alive():
-            os.close(self.statm_fd)
-            self.statm_fd = None
+        try:
+            self.phase(None)
+        finally:  # the thread and descriptor end even when the sampler had stopped (phase() raised)
+            self.stop_event.set()
+            self.thread.join(timeout=1)
+            if self.statm_fd is not None and not self.thread.is_alive():
+                os.close(self.statm_fd)
+                self.statm_fd = None
 
     def _run(self) -> None:
         last_trace = -1.0
-        while not self.stop_event.wait(SAMPLE_S):
-            now, value = time.monotonic() - self.t0, anon_bytes(self.statm_fd)
-            with self.lock:
-                self.peak = max(self.peak, value)
-            if now - last_trace >= TRACE_S:
-                self.profile.trace.append((now, value))
-                last_trace = now
+        try:
+            while not self.stop_event.wait(SAMPLE_S):
+                now, value = time.monotonic() - self.t0, anon_bytes(self.statm_fd)
+                with self.lock:
+                    self.peak = max(self.peak, value)
+                if now - last_trace >= TRACE_S:
+                    self.profile.trace.append((now, value))
+                    last_trace = now
+        except Exception as exc:  # a dead sampler would leave peaks unseen: the case fails instead (phase())
+            self.error = exc
 
     def phase(self, name: str | None) -> None:
+        """Close the open phase (its start, end and peak bytes into the profile) and open `name` (None: none).
+
+        RuntimeError: the sampler thread stopped, so the closed phase's peak may be missed."""
+        if self.error is not None:
+            stopped = self.error
+            raise RuntimeError(f"the memory sampler stopped ({stopped!r}): peaks between phases unseen") from stopped
         value = anon_bytes(self.statm_fd)
         now = time.monotonic() - self.t0
         with self.lock:
@@ -104,7 +119,8 @@ class Sampler:
                     import torch
 
                     cuda_peak = torch.cuda.max_memory_allocated()
-                self.profile.phases[self.current] = PhaseMemory(self.start_bytes, value, max(self.peak, value), cuda_peak)
+                peak = max(self.peak, value)
+                self.profile.phases[self.current] = PhaseMemory(self.start_bytes, value, peak, cuda_peak)
                 if self.seconds is not None:  # the open phase began at the last mark
                     self.seconds[self.current] = round(now - self.profile.marks[-1][0], 4)
             self.current, self.start_bytes, self.peak = name, value, value

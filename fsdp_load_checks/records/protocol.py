@@ -8,6 +8,7 @@ log, and one result file per case, atomically.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -100,6 +101,27 @@ def result_path(out_dir: Path, case: str, rank: int) -> Path:
 
 def progress_path(out_dir: Path, rank: int) -> Path:
     return Path(out_dir) / f"rank{rank}.progress"
+
+
+def encode_progress(state: dict) -> bytes:
+    """A rank's progress record: `state` as JSON, a newline, the JSON's CRC32 as 8 hex digits.
+
+    The rank rewrites its record in place (rank/progress.py), so a reader racing the write can see old and new
+    bytes mixed, which can still parse as JSON with wrong or missing keys: the CRC tells `decode_progress`."""
+    payload = json.dumps(state).encode()
+    return payload + b"\n" + format(zlib.crc32(payload), "08x").encode()
+
+
+def decode_progress(raw: bytes) -> dict | None:
+    """The state of a record `encode_progress` wrote (trailing padding ignored); None when `raw` is empty (the
+    file is created, not yet written). ValueError: torn (old and new bytes mixed; read again)."""
+    text = raw.rstrip()
+    if not text:
+        return None
+    payload, _, crc = text.rpartition(b"\n")
+    if int(crc, 16) != zlib.crc32(payload):  # int() raises ValueError on a torn CRC line itself
+        raise ValueError(f"torn progress record ({len(raw)} bytes)")
+    return json.loads(payload)
 
 
 def log_path(out_dir: Path, rank: int) -> Path:
