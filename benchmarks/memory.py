@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fsdp_load_checks import catalogue  # noqa: E402
-from fsdp_load_checks.parent import runner  # noqa: E402
+from fsdp_load_checks.parent import runner, stop  # noqa: E402
 from fsdp_load_checks.records import LaunchConfig  # noqa: E402
 from fsdp_load_checks.render import lost_line  # noqa: E402
 
@@ -65,5 +65,19 @@ def main() -> int:
     return 0
 
 
+def stoppable() -> int:
+    """main() under the CLI's signal handling: SIGTERM, SIGINT or SIGHUP ends every launch it started
+    (parent/stop.py), says so in one line and exits 128 + N."""
+    stop.install()
+    try:
+        return main()
+    except stop.Stopped as stopped:
+        name = stop.signal_name(stopped.signum)
+        print(f"{Path(__file__).name}: stopped by {name}; every process it started was ended", file=sys.stderr)
+        return stop.exit_code(stopped.signum)
+    finally:
+        stop.uninstall()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stoppable())
