@@ -59,3 +59,18 @@ def test_without_ties_beyond_the_listed_modules_the_group_is_unchanged():
     model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
     listed = [model.norm, model.shared]
     assert [id(m) for m in tied_holders(model, listed)] == [id(m) for m in listed]
+
+
+def test_the_round_trip_reads_back_through_a_loaders_own_get_state_dict():
+    """rank/after.py reads the round trip back with the grouped gather only where that equals accelerate's own
+    `get_state_dict` (tests/test_gather.py); the fix set replaces the method (A4), so it is called instead."""
+    import accelerate
+
+    from fsdp_load_checks import loaders
+    from fsdp_load_checks.rank.after import grouped_read_back
+
+    accelerator = object.__new__(type("FSDP2Accelerator", (accelerate.Accelerator,), {"is_fsdp2": True}))
+    assert grouped_read_back(accelerator) == accelerate.__version__.startswith("1.15.")
+    with loaders.get("fixed").patch():
+        assert not grouped_read_back(accelerator)
+    assert grouped_read_back(accelerator) == accelerate.__version__.startswith("1.15.")

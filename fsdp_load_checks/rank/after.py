@@ -74,6 +74,17 @@ def poisoned_model(class_name: str, config, dtype: torch.dtype):
     return model
 
 
+def grouped_read_back(accelerator) -> bool:
+    """Whether `state_dicts.gathered_records` gives what `accelerator.get_state_dict` would: accelerate's own
+    method, under FSDP2, in the release whose code it mirrors (1.15: torch's get_model_state_dict, full and
+    offloaded to CPU). A loader that replaces the method (the fix set's A4 casts to the loaded dtypes) is read
+    back through its replacement."""
+    import accelerate
+
+    own = getattr(type(accelerator).get_state_dict, "__module__", "") == "accelerate.accelerator"
+    return own and accelerator.is_fsdp2 and accelerate.__version__.startswith("1.15.")
+
+
 class After:
     """The after-loading phases of one case on this rank; `phases()` yields (phase, step) in order."""
 
@@ -108,9 +119,15 @@ class After:
         fresh = poisoned_model(self.task.model_class, config, getattr(torch, self.task.dtype))
         fresh, fresh_optimizer, _, _ = prepare(self.accelerator, fresh, self.spec.accelerate_env)
         load_fsdp_model(sharded_plugin(self.accelerator), self.accelerator, fresh, str(checkpoint))  # ends in a barrier
-        # what get_state_dict would give rank 0 (the STATE_DICT phase runs that very call), gathered many small
-        # shards per collective: one collective per tensor was a third of this phase at 8 ranks
-        loaded = state_dicts.gathered_records(fresh, self.tick, keep=self.main)
+        if grouped_read_back(self.accelerator):
+            # what get_state_dict gives rank 0 (the STATE_DICT phase runs that very call), gathered many small
+            # shards per collective: one collective per tensor was a third of this phase at 8 ranks
+            loaded = state_dicts.gathered_records(fresh, self.tick, keep=self.main)
+        else:  # a loader's own get_state_dict (loaders/fixed.py A4), or an accelerate whose we have not read
+            self.tick()
+            full = self.accelerator.get_state_dict(fresh)
+            loaded = state_dicts.records(full, state_dicts.kinds_of(fresh)) if self.main else {}
+            del full
         if self.main:
             self.obs.round_trip = loaded
             shutil.rmtree(checkpoint, ignore_errors=True)  # every rank has read it: load_fsdp_model's last barrier
