@@ -65,19 +65,5 @@ def main() -> int:
     return 0
 
 
-def stoppable() -> int:
-    """main() under the CLI's signal handling: SIGTERM, SIGINT or SIGHUP ends every launch it started
-    (parent/stop.py), says so in one line and exits 128 + N."""
-    stop.install()
-    try:
-        return main()
-    except stop.Stopped as stopped:
-        name = stop.signal_name(stopped.signum)
-        print(f"{Path(__file__).name}: stopped by {name}; every process it started was ended", file=sys.stderr)
-        return stop.exit_code(stopped.signum)
-    finally:
-        stop.uninstall()
-
-
 if __name__ == "__main__":
-    sys.exit(stoppable())
+    sys.exit(stop.run_stoppable(main, Path(__file__).name))  # a signal ends every launch it started

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -192,3 +194,16 @@ def uninstall() -> None:
             pass
     _previous.clear()
 
+
+
+def run_stoppable(main: Callable[[], int], name: str) -> int:
+    """`main()` under `install()`'s handler, for a script's entry point (the benchmarks): on SIGTERM, SIGINT or
+    SIGHUP every process it started is ended, one line on stderr says so, and the exit code is 128 + N."""
+    install()
+    try:
+        return main()
+    except Stopped as stopped:
+        print(f"{name}: stopped by {signal_name(stopped.signum)}; every process it started was ended", file=sys.stderr)
+        return exit_code(stopped.signum)
+    finally:
+        uninstall()
