@@ -89,6 +89,18 @@ def record(name: str, kind: TensorKind, tensor: torch.Tensor) -> TensorRecord:
     )
 
 
+def record_gathered(items: list[tuple[str, torch.Tensor]], kind_of: Callable[[str], TensorKind],
+                    before_gather: Callable[[], None] | None = None, keep: bool = True) -> dict[str, TensorRecord]:
+    """name -> record of each (name, tensor) item, in the items' order, each DTensor gathered whole first
+    (gather.full_tensors: a collective, every rank walks the same items; small shards many per all-gather) and
+    recorded one tensor (or one 1 MiB group) at a time. A rank with `keep=False` takes part and records nothing."""
+    out = {}
+    for name, full in full_tensors(items, before_gather):
+        if keep:
+            out[name] = record(name, kind_of(name), full)
+    return {name: out[name] for name, _ in items if name in out}  # a group yields after the plain tensors behind it
+
+
 def observe_tensors(
     model: torch.nn.Module, before_gather: Callable[[], None] | None = None
 ) -> tuple[dict[str, TensorRecord], list[tuple[str, ...]]]:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fsdp_load_checks.gather import full_tensors
-from fsdp_load_checks.observe import record
+from fsdp_load_checks.observe import record, record_gathered
 from fsdp_load_checks.records import TensorKind, TensorRecord
 
 
@@ -36,19 +35,15 @@ def gathered_records(model: torch.nn.Module, before_gather: Callable[[], None] |
 
     accelerate 1.15's `get_state_dict` is torch's `get_model_state_dict(full_state_dict=True, cpu_offload=True)`:
     the entries of `model.state_dict()`, each DTensor gathered whole with a collective of its own, the whole dict
-    then held by rank 0. Here the same entries, gathered by gather.full_tensors (small shards many per collective,
-    bit-equal to `full_tensor()`) and recorded one tensor (or one 1 MiB group) at a time. One difference: an
-    entry left on meta is recorded as such (observe.record), where torch 2.13 raises on rank 0
-    (NotImplementedError: Cannot copy out of meta tensor) and its peers go on. A collective: every rank calls
-    it; a rank with `keep=False` takes part and records nothing.
+    then held by rank 0. Here the same entries, gathered and recorded one tensor (or one 1 MiB group of small
+    shards) at a time by observe.record_gathered, bit-equal to `full_tensor()`. One difference: an entry left on
+    meta is recorded as such (observe.record), where torch 2.13 raises on rank 0 (NotImplementedError: Cannot
+    copy out of meta tensor) and its peers go on. A collective: every rank calls it; a rank with `keep=False`
+    takes part and records nothing.
     """
     kinds = kinds_of(model)
-    entries = list(model.state_dict().items())
-    out = {}
-    for name, full in full_tensors(entries, before_gather):
-        if keep:
-            out[name] = record(name, kinds.get(name, TensorKind.BUFFER), full)
-    return {name: out[name] for name, _ in entries if name in out}  # model.state_dict()'s order: a group yields late
+    return record_gathered(list(model.state_dict().items()), lambda name: kinds.get(name, TensorKind.BUFFER),
+                           before_gather, keep)
 
 
 def saved_records(directory: str | Path, kinds: dict[str, TensorKind]) -> dict[str, TensorRecord]:

@@ -27,9 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-from fsdp_load_checks.gather import full_tensors
 from fsdp_load_checks.inputs import model_inputs
-from fsdp_load_checks.observe import forward_input, primary_output, record
+from fsdp_load_checks.observe import forward_input, primary_output, record_gathered
 from fsdp_load_checks.records import TensorKind, TensorRecord, TrainStep
 
 LEARNING_RATE = 1e-3
@@ -101,11 +100,7 @@ def parameters(model: torch.nn.Module, before_gather: Callable[[], None] | None 
 
 def _gathered(model, of: Callable, before_gather, keep: bool) -> dict[str, TensorRecord]:
     named = [(name, t) for name, param in model.named_parameters(remove_duplicate=False) if (t := of(param)) is not None]
-    out = {}
-    for name, full in full_tensors(named, before_gather):  # every rank takes part in each gather rank 0 records
-        if keep:
-            out[name] = record(name, TensorKind.PARAMETER, full)
-    return out
+    return record_gathered(named, lambda _: TensorKind.PARAMETER, before_gather, keep)
 
 
 def master_dtypes(model: torch.nn.Module, optimizer) -> dict[str, str]:

@@ -195,7 +195,6 @@ def uninstall() -> None:
     _previous.clear()
 
 
-
 def run_stoppable(main: Callable[[], int], name: str) -> int:
     """`main()` under `install()`'s handler, for a script's entry point (the benchmarks): on SIGTERM, SIGINT or
     SIGHUP every process it started is ended, one line on stderr says so, and the exit code is 128 + N."""
